@@ -1,0 +1,459 @@
+"""The guest runtime: the small program that runs inside the sandbox around the user's code.
+
+It speaks to the executor service over one inherited stream socket (the *channel*) with length
+-prefixed frames, never through stdout: a frame is ``>II`` (header length, payload length), a JSON
+header, then raw payload bytes (JSON values or the source code). stdout and stderr are plain
+pipes that the service reads and streams; nothing printed can forge a frame.
+
+Service to guest: ``start`` (code, tool names, config, context, limits), ``reply`` (a tool's
+answer). Guest to service: ``call`` (a tool call), ``done`` (the outcome).
+
+The module is standard-library only and is started as a script (``python -I -S guest.py FD``) or
+imported by a fork server, which calls :func:`serve_one`. Its names are for the service; the
+program sees only ``tools``, ``context``, ``config`` and sets ``result``.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import itertools
+import json
+import linecache
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn
+
+FRAME_HEADER = struct.Struct(">II")
+#: Filename under which the user's code is compiled; tracebacks keep only these frames.
+USER_FILENAME = "<codemode>"
+#: Largest header a peer may send; payloads are bounded by the limits in the start frame.
+MAX_HEADER_BYTES = 1 << 20
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+# Limits the guest applies to itself before the user's code runs (name -> rlimit).
+_RLIMITS = {
+    "cpu_seconds": resource.RLIMIT_CPU,
+    "memory_bytes": resource.RLIMIT_AS,
+    "max_processes": resource.RLIMIT_NPROC,
+    "max_file_bytes": resource.RLIMIT_FSIZE,
+    "max_open_files": resource.RLIMIT_NOFILE,
+}
+
+# Builtin exception types a tool's error may be re-raised as inside the guest, so that
+# ``except ValueError`` works around a tool call as it would around a local function.
+_REMOTE_BUILTIN_ERRORS: dict[str, type[Exception]] = {
+    name: obj
+    for name, obj in vars(builtins).items()
+    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, OSError)
+}
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+class ToolError(Exception):
+    """A tool failed in the application; ``error_type`` names the exception it raised there."""
+
+    def __init__(self, tool: str, error_type: str, message: str) -> None:
+        super().__init__(f"{tool}: {error_type}: {message}" if error_type else f"{tool}: {message}")
+        self.tool = tool
+        self.error_type = error_type
+
+
+# --------------------------------------------------------------------------------------------
+# Framing (also imported by the service)
+
+
+def encode_frame(header: Mapping[str, Any], payload: bytes = b"") -> bytes:
+    """Serialise one frame."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return FRAME_HEADER.pack(len(head), len(payload)) + head + payload
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    """Decode a frame header, raising :class:`ProtocolError` when it is not a JSON object."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ProtocolError("frame header must be a JSON object with a string 't'")
+    return header
+
+
+class Channel:
+    """Blocking, thread-safe frame I/O on the inherited socket."""
+
+    def __init__(self, fd: int, max_payload: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._send_lock = threading.Lock()
+        self.max_payload = max_payload
+
+    def send(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
+        data = encode_frame(header, payload)
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def _read_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError("channel closed")
+            buf += chunk
+        return bytes(buf)
+
+    def recv(self) -> tuple[dict[str, Any], bytes]:
+        head_len, payload_len = FRAME_HEADER.unpack(self._read_exactly(FRAME_HEADER.size))
+        if head_len > MAX_HEADER_BYTES or payload_len > self.max_payload:
+            raise ProtocolError("frame larger than allowed")
+        header = parse_header(self._read_exactly(head_len))
+        return header, self._read_exactly(payload_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Tool calls
+
+
+class _Waiter:
+    """One outstanding call, answered from the reader thread."""
+
+    __slots__ = ("done", "header", "loop", "payload", "future")
+
+    def __init__(self, loop: Any = None, future: Any = None) -> None:
+        self.done = threading.Event()
+        self.header: dict[str, Any] = {}
+        self.payload = b""
+        self.loop = loop
+        self.future = future
+
+
+class Relay:
+    """Sends tool calls to the service and routes replies back to their callers.
+
+    Sync calls block their thread; async calls await a future on their own loop. A reader
+    thread, started at the first call, dispatches replies, so calls from several threads or
+    tasks may be in flight at once.
+    """
+
+    def __init__(self, channel: Channel, tool_names: frozenset[str]) -> None:
+        self._channel = channel
+        self.tool_names = tool_names
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._closed: BaseException | None = None
+
+    def _ensure_reader(self) -> None:
+        with self._lock:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_loop, daemon=True)
+                self._reader.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                header, payload = self._channel.recv()
+                if header.get("t") != "reply":
+                    continue
+                with self._lock:
+                    waiter = self._pending.pop(str(header.get("id")), None)
+                if waiter is None:
+                    continue
+                waiter.header, waiter.payload = header, payload
+                if waiter.future is not None:
+                    waiter.loop.call_soon_threadsafe(_resolve, waiter)
+                waiter.done.set()
+        except (EOFError, OSError, ProtocolError) as exc:
+            # The service is gone: no answer will come, and nothing may run unattended.
+            self._closed = exc
+            os._exit(70)
+
+    def _submit(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: _Waiter) -> None:
+        if tool not in self.tool_names:
+            raise AttributeError(_unknown_tool_message(tool, self.tool_names))
+        try:
+            payload = _JSON_ENCODER.encode({"args": list(args), "kwargs": kwargs}).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"arguments to tool {tool!r} must be JSON-serialisable: {exc}") from None
+        call_id = str(next(self._ids))
+        self._ensure_reader()
+        with self._lock:
+            self._pending[call_id] = waiter
+        self._channel.send({"t": "call", "id": call_id, "tool": tool}, payload)
+
+    def call(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        waiter = _Waiter()
+        self._submit(tool, args, kwargs, waiter)
+        waiter.done.wait()
+        return _outcome(tool, waiter.header, waiter.payload)
+
+    async def call_async(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop=loop, future=loop.create_future())
+        self._submit(tool, args, kwargs, waiter)
+        await waiter.future
+        return _outcome(tool, waiter.header, waiter.payload)
+
+
+def _resolve(waiter: _Waiter) -> None:
+    if not waiter.future.done():
+        waiter.future.set_result(None)
+
+
+def _outcome(tool: str, header: Mapping[str, Any], payload: bytes) -> Any:
+    if header.get("ok"):
+        return json.loads(payload) if payload else None
+    error_type = str(header.get("type") or "")
+    message = str(header.get("message") or "")
+    builtin = _REMOTE_BUILTIN_ERRORS.get(error_type)
+    if builtin is not None:
+        raise builtin(message)
+    raise ToolError(tool, error_type, message)
+
+
+def _unknown_tool_message(name: str, available: frozenset[str]) -> str:
+    listed = ", ".join(sorted(available)) or "(none)"
+    return f"tool {name!r} is not available to this program; available tools: {listed}"
+
+
+class Tool:
+    """One tool as the program sees it: call it, or use ``run`` / ``run_async``."""
+
+    __slots__ = ("_name", "_relay")
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self._relay = relay
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._relay.call(self._name, args, kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the tool and wait for its result."""
+        return self._relay.call(self._name, args, kwargs)
+
+    async def run_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the tool without blocking the loop; ``asyncio.gather`` runs calls in parallel."""
+        return await self._relay.call_async(self._name, args, kwargs)
+
+    def run_with_context(self, context: object = None, /, *args: Any, **kwargs: Any) -> Any:
+        """Call a context-aware tool. The application supplies the context; ``context`` is ignored."""
+        del context
+        return self._relay.call(self._name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<tool {self._name}>"
+
+
+class Tools:
+    """The program's ``tools``: ``tools.name(...)`` or ``tools['name'].run(...)``."""
+
+    __slots__ = ("_relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        object.__setattr__(self, "_relay", relay)
+
+    def __getattr__(self, name: str) -> Tool:
+        if name.startswith("__") or name not in self._relay.tool_names:
+            raise AttributeError(_unknown_tool_message(name, self._relay.tool_names))
+        return Tool(self._relay, name)
+
+    def __getitem__(self, name: str) -> Tool:
+        if name not in self._relay.tool_names:
+            raise KeyError(_unknown_tool_message(name, self._relay.tool_names))
+        return Tool(self._relay, name)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("tools is read-only")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._relay.tool_names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._relay.tool_names))
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._relay.tool_names)
+
+    def __repr__(self) -> str:
+        return f"<tools: {', '.join(sorted(self._relay.tool_names))}>"
+
+
+def _freeze(value: Any) -> Any:
+    """A read-only view of decoded JSON: mappings become proxies, lists become tuples."""
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Running the program
+
+
+def apply_limits(limits: Mapping[str, Any]) -> None:
+    """Lower this process's rlimits (soft and hard) before untrusted code runs."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for key, which in _RLIMITS.items():
+        value = int(limits.get(key) or 0)
+        if value <= 0:
+            continue
+        soft, hard = value, value
+        if which == resource.RLIMIT_CPU:
+            hard = value + 1  # SIGXCPU first, SIGKILL a second later
+        current_hard = resource.getrlimit(which)[1]
+        if current_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        resource.setrlimit(which, (soft, hard))
+    # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """Format ``exc`` keeping only frames of the user's code (and what they called)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    first_user = next((i for i, f in enumerate(frames) if f.filename == USER_FILENAME), None)
+    # The runtime's own frames (tool forwarders, the relay) are not the user's business.
+    kept = [f for f in frames[first_user:] if f.filename != __file__] if first_user is not None else []
+    lines = ["Traceback (most recent call last):\n"] if kept else []
+    lines += traceback.format_list(kept)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def _error_frame(exc: BaseException) -> dict[str, Any]:
+    error_type = type(exc).__name__
+    if isinstance(exc, ToolError):
+        error_type = "ToolError"
+    elif isinstance(exc, MemoryError):
+        error_type = "MemoryLimit"
+    elif isinstance(exc, RecursionError):
+        error_type = "RecursionError"
+    return {
+        "t": "done",
+        "ok": False,
+        "type": error_type,
+        "message": str(exc) if not isinstance(exc, SyntaxError) else exc.msg,
+        "traceback": user_traceback(exc),
+        "line": getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None,
+    }
+
+
+def run_program(
+    code: str,
+    namespace: dict[str, Any],
+    *,
+    on_compiled: Callable[[], None] | None = None,
+) -> Any:
+    """Compile and run ``code`` in ``namespace``, awaiting it when it uses top-level ``await``."""
+    linecache.cache[USER_FILENAME] = (len(code), None, code.splitlines(True), USER_FILENAME)
+    compiled = compile(code, USER_FILENAME, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if on_compiled is not None:
+        on_compiled()
+    if compiled.co_flags & _CO_COROUTINE:
+        # The program awaits at top level: only then is asyncio imported.
+        import asyncio
+
+        coro = eval(compiled, namespace)  # noqa: S307 - a coroutine of the program, not an expression
+        return asyncio.run(coro)
+    exec(compiled, namespace)  # noqa: S102 - running the program is this module's purpose
+    return None
+
+
+def _encode_result(namespace: Mapping[str, Any], max_bytes: int) -> tuple[dict[str, Any], bytes]:
+    if "result" not in namespace:
+        return {"t": "done", "ok": True}, b""
+    value = namespace["result"]
+    try:
+        payload = _JSON_ENCODER.encode(value).encode()
+    except (TypeError, ValueError) as exc:
+        return {
+            "t": "done",
+            "ok": False,
+            "type": "ResultNotSerializable",
+            "message": f"result must be JSON-serialisable, got {type(value).__name__}: {exc}",
+            "traceback": "",
+        }, b""
+    if max_bytes and len(payload) > max_bytes:
+        return {
+            "t": "done",
+            "ok": False,
+            "type": "ResultTooLarge",
+            "message": f"result is {len(payload)} bytes encoded; the limit is {max_bytes}",
+            "traceback": "",
+        }, b""
+    return {"t": "done", "ok": True}, payload
+
+
+def serve_one(channel_fd: int) -> int:
+    """Run one execution on ``channel_fd``: read the start frame, run, report, return."""
+    # The start frame carries the code; its size is bounded by the service before sending.
+    channel = Channel(channel_fd, max_payload=64 << 20)
+    header, payload = channel.recv()
+    if header["t"] != "start":
+        raise ProtocolError("first frame must be start")
+    limits: dict[str, Any] = header.get("limits") or {}
+    channel.max_payload = int(limits.get("max_result_bytes") or 0) or (64 << 20)
+    code = payload.decode("utf-8")
+    relay = Relay(channel, frozenset(header.get("tools") or ()))
+    namespace: dict[str, Any] = {
+        "__name__": "__main__",
+        "__builtins__": builtins,
+        "tools": Tools(relay),
+        "context": _freeze(header.get("context") or {}),
+        "config": _freeze(header.get("config") or {}),
+    }
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    apply_limits(limits)
+    try:
+        run_program(code, namespace)
+    except SystemExit as exc:
+        # sys.exit() ends the program normally; a non-zero code is an error.
+        if exc.code not in (None, 0):
+            done: tuple[dict[str, Any], bytes] = _error_frame(exc), b""
+        else:
+            done = _encode_result(namespace, int(limits.get("max_result_bytes") or 0))
+    except BaseException as exc:  # noqa: BLE001 - every failure of the program is reported
+        done = _error_frame(exc), b""
+    else:
+        done = _encode_result(namespace, int(limits.get("max_result_bytes") or 0))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    channel.send(*done)
+    return 0
+
+
+def main(argv: list[str]) -> NoReturn:
+    """Entry point when started as a script: ``guest.py CHANNEL_FD``."""
+    try:
+        serve_one(int(argv[1]))
+    except (EOFError, ProtocolError, OSError):
+        os._exit(70)
+    # Skip interpreter teardown: threads may still wait on the channel, and the service
+    # kills the process tree when the outcome has arrived anyway.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
