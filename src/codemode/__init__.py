@@ -1,0 +1,46 @@
+"""Codemode: run LLM-written Python in a kernel sandbox against your application's tools."""
+
+from codemode._version import __version__
+from codemode.config import ClientConfig
+from codemode.core import (
+    Codemode,
+    ComponentAlreadyExistsError,
+    ComponentNotFoundError,
+    ComponentRegistry,
+    ExecutionError,
+    ExecutionResult,
+    ExecutorAuthenticationError,
+    ExecutorClient,
+    ExecutorClientError,
+    ExecutorConnectionError,
+    ExecutorOverloadedError,
+    ExecutorRequestError,
+    ExecutorTimeoutError,
+    InvalidRequestError,
+    RuntimeContext,
+)
+from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
+
+__all__ = [
+    "ClientConfig",
+    "Codemode",
+    "ComponentAlreadyExistsError",
+    "ComponentNotFoundError",
+    "ComponentRegistry",
+    "ExecutionError",
+    "ExecutionResult",
+    "ExecutorAuthenticationError",
+    "ExecutorClient",
+    "ExecutorClientError",
+    "ExecutorConnectionError",
+    "ExecutorOverloadedError",
+    "ExecutorRequestError",
+    "ExecutorTimeoutError",
+    "InvalidRequestError",
+    "OutputEvent",
+    "ResultEvent",
+    "RuntimeContext",
+    "ToolCallEvent",
+    "ToolResultEvent",
+    "__version__",
+]

@@ -1,0 +1,172 @@
+"""The ``codemode`` command: ``serve``, ``exec`` and ``doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from codemode.config import ClientConfig, ConfigError, ExecutorConfig
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from codemode.executor.backends import IsolationUnavailable, make_backend
+    from codemode.executor.server import serve_forever
+    from codemode.logs import configure_logging
+
+    try:
+        config = ExecutorConfig.load(
+            args.config,
+            host=args.host,
+            port=args.port,
+            insecure_no_auth=True if args.insecure_no_auth else None,
+            isolation=args.isolation,
+            max_concurrent_executions=args.max_concurrent,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except ConfigError as exc:
+        print(f"codemode serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        backend = make_backend(config)
+    except IsolationUnavailable as exc:
+        print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
+        return 3
+    if config.api_key is None:
+        print("codemode serve: WARNING: --insecure-no-auth: anyone who can reach the port can run code",
+              file=sys.stderr)
+
+    def ready(port: int) -> None:
+        # One machine-readable line so that scripts and tests can find an ephemeral port.
+        print(f"codemode serve: listening on {config.host}:{port}", flush=True)
+
+    asyncio.run(serve_forever(config, backend, on_ready=ready))
+    return 0
+
+
+async def _exec_embedded(code: str, timeout: float | None) -> Any:
+    """Run ``code`` on an executor started in this process for the occasion."""
+    from codemode.core.codemode import Codemode
+    from codemode.executor.backends import IsolationUnavailable, make_backend
+    from codemode.executor.sandbox import ProcessBackend
+    from codemode.executor.server import start_server
+
+    key = secrets.token_urlsafe(24)
+    server_config = ExecutorConfig.load(host="127.0.0.1", port=0, api_key=key)
+    try:
+        backend = make_backend(server_config)
+    except IsolationUnavailable as exc:
+        print(f"codemode exec: no sandbox on this host, running the program as a plain process:\n{exc}",
+              file=sys.stderr)
+        backend = ProcessBackend()
+    running = await start_server(server_config, backend)
+    try:
+        client_config = ClientConfig.load(
+            executor_url=f"http://127.0.0.1:{running.port}", executor_api_key=key
+        )
+        async with Codemode.from_client_config(client_config) as codemode:
+            return await codemode.run_async(code, execution_timeout=timeout)
+    finally:
+        await running.stop(0)
+
+
+async def _exec_remote(code: str, timeout: float | None) -> Any:
+    from codemode.core.codemode import Codemode
+
+    async with Codemode.from_env() as codemode:
+        return await codemode.run_async(code, execution_timeout=timeout)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from codemode.core.errors import ExecutorClientError
+
+    if args.command_code is not None:
+        code = args.command_code
+    elif args.file is not None:
+        code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    else:
+        print("codemode exec: give a FILE or -c CODE", file=sys.stderr)
+        return 2
+    runner = _exec_remote if os.environ.get("CODEMODE_EXECUTOR_URL") else _exec_embedded
+    try:
+        result = asyncio.run(runner(code, args.timeout))
+    except (ExecutorClientError, ConfigError) as exc:
+        print(f"codemode exec: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if not result.success:
+        print(result.traceback or f"{result.error_type}: {result.error}", file=sys.stderr, end="")
+        if result.traceback and not result.traceback.endswith("\n"):
+            print(file=sys.stderr)
+        return 1
+    if result.result is not None:
+        print(result.result)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from codemode.executor.hostcheck import check_host
+
+    checks = check_host()
+    width = max(len(c.name) for c in checks)
+    for check in checks:
+        mark = "ok  " if check.ok else ("MISS" if check.required else "warn")
+        print(f"[{mark}] {check.name:<{width}}  {check.detail}")
+        if not check.ok and check.fix:
+            print(f"       {'':<{width}}  fix: {check.fix}")
+    missing = [c for c in checks if c.required and not c.ok]
+    print()
+    if missing:
+        print("isolation: NOT available; `codemode serve` will refuse to start (or use --isolation=process)")
+        return 1
+    print("isolation: available (bwrap)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codemode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the executor service")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8001; 0 picks a free one)")
+    serve.add_argument("--config", help="YAML file of ExecutorConfig settings")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="serve without an API key")
+    serve.add_argument("--isolation", choices=["auto", "bwrap", "process"],
+                       help="sandbox backend (default auto: bwrap, or refuse to start)")
+    serve.add_argument("--max-concurrent", type=int, help="executions running at once")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
+    serve.add_argument("--log-format", choices=["json", "text"])
+    serve.set_defaults(func=_serve)
+
+    run = sub.add_parser(
+        "exec",
+        help="run a program and print its result",
+        description="Runs against CODEMODE_EXECUTOR_URL (with CODEMODE_EXECUTOR_API_KEY) when set, "
+        "else against an executor started in this process for the occasion.",
+    )
+    run.add_argument("file", nargs="?", help="program file, or - for stdin")
+    run.add_argument("-c", dest="command_code", metavar="CODE", help="program text")
+    run.add_argument("--timeout", type=float, help="execution timeout, seconds")
+    run.set_defaults(func=_exec)
+
+    doctor = sub.add_parser("doctor", help="report what isolation this host enforces")
+    doctor.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

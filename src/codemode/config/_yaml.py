@@ -1,0 +1,46 @@
+"""Reading a YAML mapping of settings, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Configuration is missing, unreadable or invalid; the message says which setting."""
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Return the top-level mapping of the YAML file at ``path``.
+
+    Raises :class:`ConfigError` when the file is missing, is not YAML, or is not a mapping.
+    """
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {file} must hold a mapping of settings, not {type(data).__name__}"
+        )
+    return data
+
+
+def with_yaml_file(cls: type[T], path: str | Path) -> type[T]:
+    """A subclass of the settings class ``cls`` that also reads the YAML file at ``path``.
+
+    The file is checked first so that a missing or malformed file is a :class:`ConfigError`,
+    not silently ignored; unknown keys are reported by the settings class itself.
+    """
+    load_yaml_mapping(path)
+    config = {**cls.model_config, "yaml_file": str(path)}  # type: ignore[attr-defined]
+    return type(cls.__name__, (cls,), {"model_config": config, "__module__": cls.__module__})

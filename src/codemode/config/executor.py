@@ -1,0 +1,117 @@
+"""The executor service's settings (``codemode serve``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from codemode.config import _defaults as d
+from codemode.config._yaml import ConfigError, with_yaml_file
+from codemode.config.client import _describe
+
+__all__ = ["ExecutorConfig", "LimitsConfig"]
+
+
+class LimitsConfig(BaseModel):
+    """Per-execution limits. A request may lower each of them, never raise one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_seconds: float = Field(default=d.CPU_SECONDS, gt=0)
+    memory_bytes: int = Field(default=d.MEMORY_BYTES, ge=32 * 1024 * 1024)
+    max_processes: int = Field(default=d.MAX_PROCESSES, ge=1)
+    max_file_bytes: int = Field(default=d.MAX_FILE_BYTES, ge=0)
+    max_open_files: int = Field(default=d.MAX_OPEN_FILES, ge=16)
+    max_output_bytes: int = Field(default=d.MAX_OUTPUT_BYTES, ge=1024)
+    max_result_bytes: int = Field(default=d.MAX_RESULT_BYTES, ge=1024)
+    tmpfs_bytes: int = Field(default=d.TMPFS_BYTES, ge=1024 * 1024)
+
+    def lowered(self, requested: dict[str, float]) -> LimitsConfig:
+        """These limits, with each positive requested value taken where it is lower."""
+        changes: dict[str, Any] = {}
+        for name, value in requested.items():
+            current = getattr(self, name)
+            if value and 0 < value < current:
+                changes[name] = type(current)(value)
+        return self.model_copy(update=changes) if changes else self
+
+
+class ExecutorConfig(BaseSettings):
+    """How ``codemode serve`` listens, authenticates, admits and isolates.
+
+    Environment: ``CODEMODE_API_KEY``, ``CODEMODE_PORT``, ``CODEMODE_LIMITS__MEMORY_BYTES`` …
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CODEMODE_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    host: str = d.DEFAULT_HOST
+    port: int = Field(default=d.DEFAULT_PORT, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    insecure_no_auth: bool = False
+    isolation: Literal["auto", "bwrap", "process"] = Field(
+        default="auto",
+        description="auto: bwrap, refusing to start if the host cannot enforce it; "
+        "process: plain child processes, no isolation (warns).",
+    )
+    max_concurrent_executions: int = Field(default=d.MAX_CONCURRENT_EXECUTIONS, ge=1)
+    max_queued_executions: int = Field(default=d.MAX_QUEUED_EXECUTIONS, ge=0)
+    queue_timeout: float = Field(default=d.QUEUE_TIMEOUT_S, ge=0)
+    shutdown_grace: float = Field(default=d.SHUTDOWN_GRACE_S, ge=0)
+    default_execution_timeout: float = Field(default=d.EXECUTION_TIMEOUT_S, gt=0)
+    max_execution_timeout: float = Field(default=d.MAX_EXECUTION_TIMEOUT_S, gt=0)
+    max_code_bytes: int = Field(default=4 * d.MAX_CODE_LENGTH, gt=0)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="Require client certs (mTLS)."
+    )
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.api_key is None and not self.insecure_no_auth:
+            raise ValueError(
+                "no API key: set CODEMODE_API_KEY (or api_key in the config file), "
+                "or pass --insecure-no-auth to serve without authentication"
+            )
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < 8:
+            raise ValueError("api_key must be at least 8 characters")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ExecutorConfig:
+        """Settings from ``overrides`` (``None`` values skipped), the environment, then ``path``.
+
+        Raises :class:`ConfigError` naming every invalid setting.
+        """
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        target = cls if path is None else with_yaml_file(cls, path)
+        try:
+            return target(**explicit)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None

@@ -1,0 +1,186 @@
+"""``Codemode``: the facade an application holds — tools, context, and execution."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from codemode.config import ClientConfig
+from codemode.core.context import ContextScope, RuntimeContext
+from codemode.core.errors import ExecutionError, ExecutorTimeoutError
+from codemode.core.executor_client import ExecutorClient, run_sync
+from codemode.core.registry import ComponentRegistry
+from codemode.core.results import ExecutionEvent, ExecutionResult
+
+if TYPE_CHECKING:
+    from codemode.integrations.crewai import CodemodeTool
+
+
+class Codemode:
+    """Runs model-written programs on an executor against this application's tools.
+
+    Build it with :meth:`from_client_config`, :meth:`from_config` or :meth:`from_env`; register
+    tools on :attr:`registry`; set per-request values with :meth:`with_context`; run programs
+    with :meth:`execute_async` (or :meth:`execute` from sync code). Close it with
+    :meth:`close` or a ``with`` / ``async with`` block.
+    """
+
+    def __init__(self, config: ClientConfig, registry: ComponentRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else ComponentRegistry()
+        self.client = ExecutorClient(config=config, registry=self.registry)
+
+    @classmethod
+    def from_client_config(cls, config: ClientConfig, registry: ComponentRegistry | None = None) -> Self:
+        """A Codemode using ``config``."""
+        return cls(config, registry)
+
+    @classmethod
+    def from_config(cls, path: str | Path, registry: ComponentRegistry | None = None) -> Self:
+        """A Codemode configured from a YAML file whose keys are :class:`ClientConfig` fields."""
+        return cls(ClientConfig.from_yaml(path), registry)
+
+    @classmethod
+    def from_env(cls, registry: ComponentRegistry | None = None) -> Self:
+        """A Codemode configured from ``CODEMODE_*`` environment variables."""
+        return cls(ClientConfig.load(), registry)
+
+    # Context -------------------------------------------------------------------------------
+
+    def with_context(self, **variables: Any) -> ContextScope:
+        """Set the current task's context to ``variables`` (JSON-serialisable).
+
+        Programs see it as ``context``; tools with ``run_with_context`` receive it. It belongs
+        to the calling task: concurrent requests never see each other's. Use the returned
+        scope in a ``with`` block to restore the previous context afterwards.
+        """
+        return self.registry.set_context(RuntimeContext(variables=variables))
+
+    # Executing -------------------------------------------------------------------------------
+
+    async def run_async(
+        self,
+        code: str,
+        *,
+        available_tools: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        execution_timeout: float | None = None,
+        context: RuntimeContext | Mapping[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Run ``code`` and return the full :class:`ExecutionResult`, failed or not."""
+        return await self.client.execute_async(
+            code, available_tools, config, execution_timeout, context
+        )
+
+    async def execute_async(
+        self,
+        code: str,
+        *,
+        available_tools: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        execution_timeout: float | None = None,
+        context: RuntimeContext | Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Run ``code`` and return its ``result`` JSON-encoded (``"4"``), or None if unset.
+
+        Raises :class:`ExecutionError` when the program fails (``.result`` has the details),
+        :class:`ExecutorTimeoutError` when it runs out of time, and the connection and
+        request errors of :mod:`codemode.core.errors`.
+        """
+        result = await self.run_async(
+            code,
+            available_tools=available_tools,
+            config=config,
+            execution_timeout=execution_timeout,
+            context=context,
+        )
+        return unwrap(result)
+
+    def execute(
+        self,
+        code: str,
+        *,
+        available_tools: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        execution_timeout: float | None = None,
+        context: RuntimeContext | Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Blocking :meth:`execute_async`, for scripts and sync code (not inside a running loop)."""
+        if context is None:
+            context = self.registry.get_context()
+        return run_sync(
+            self.execute_async(
+                code,
+                available_tools=available_tools,
+                config=config,
+                execution_timeout=execution_timeout,
+                context=context,
+            )
+        )
+
+    def stream(
+        self,
+        code: str,
+        *,
+        available_tools: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        execution_timeout: float | None = None,
+        context: RuntimeContext | Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[ExecutionEvent]:
+        """Run ``code``, yielding output, tool-call and result events as they happen."""
+        return self.client.stream(code, available_tools, config, execution_timeout, context)
+
+    async def health_check_async(self) -> bool:
+        """Whether the executor answers its health check as serving."""
+        return await self.client.health_check_async()
+
+    def health_check(self) -> bool:
+        """Blocking :meth:`health_check_async`."""
+        return run_sync(self.client.health_check_async())
+
+    # Integrations ----------------------------------------------------------------------------
+
+    def as_crewai_tool(self, **kwargs: Any) -> CodemodeTool:
+        """A CrewAI tool that runs the agent's code here (needs the ``crewai`` extra)."""
+        from codemode.integrations.crewai import as_crewai_tool
+
+        return as_crewai_tool(self, **kwargs)
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the connection. Idempotent; callable from sync code and inside a loop."""
+        self.client.close()
+
+    async def close_async(self) -> None:
+        """Release the connection, waiting for it to close. Idempotent."""
+        await self.client.close_async()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close_async()
+
+
+def unwrap(result: ExecutionResult) -> str | None:
+    """The JSON result of a successful execution; raise the matching error otherwise."""
+    if result.success:
+        return result.result
+    if result.error_type == "Timeout":
+        raise ExecutorTimeoutError(
+            str(result.error), result=result, correlation_id=result.correlation_id
+        )
+    raise ExecutionError(result)

@@ -1,0 +1,75 @@
+"""What an execution produces: the final :class:`ExecutionResult` and the streamed events."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """The outcome of one execution.
+
+    ``result`` is the program's ``result`` JSON-encoded (``"4"`` for ``result = 2 + 2``), or
+    None when it set none; ``value`` is the same decoded. On failure ``error_type`` names the
+    error (the exception's class, or a limit: ``Timeout``, ``MemoryLimit``, ``OutputLimit``,
+    ``ResultTooLarge`` …), ``error`` is its message and ``traceback`` has the user's own lines.
+    """
+
+    success: bool
+    result: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: float = 0.0
+    correlation_id: str = ""
+    tool_calls: int = 0
+    output_truncated: bool = False
+
+    @cached_property
+    def value(self) -> Any:
+        """``result`` decoded from JSON (None when the program set no result)."""
+        return None if self.result is None else json.loads(self.result)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputEvent:
+    """A chunk the program wrote to stdout or stderr, as it was written."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEvent:
+    """The program called a tool; emitted before the tool runs."""
+
+    call_id: str
+    tool: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultEvent:
+    """A tool call finished; ``error_type`` is set when the tool failed."""
+
+    call_id: str
+    tool: str
+    ok: bool
+    duration_ms: float
+    error_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEvent:
+    """The last event of every execution."""
+
+    result: ExecutionResult
+
+
+ExecutionEvent = OutputEvent | ToolCallEvent | ToolResultEvent | ResultEvent

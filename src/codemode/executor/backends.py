@@ -1,0 +1,44 @@
+"""Choosing the isolation backend ``codemode serve`` runs executions in."""
+
+from __future__ import annotations
+
+import logging
+
+from codemode.config import ExecutorConfig
+from codemode.executor.sandbox import ProcessBackend, SandboxBackend
+
+logger = logging.getLogger("codemode.executor")
+
+PROCESS_WARNING = (
+    "isolation=process: programs run as plain child processes of the executor, with NO "
+    "sandbox (they can read files, use the network and see other processes). Use it only "
+    "for trusted code or development; run `codemode doctor` to see what bwrap isolation needs."
+)
+
+
+class IsolationUnavailable(RuntimeError):  # noqa: N818 - reads as the condition it reports
+    """The host cannot enforce the isolation asked for; the message lists what is missing."""
+
+
+def make_backend(config: ExecutorConfig) -> SandboxBackend:
+    """The backend for ``config.isolation``; raises :class:`IsolationUnavailable`.
+
+    ``auto`` and ``bwrap`` both require the kernel sandbox and refuse to fall back silently.
+    """
+    if config.isolation == "process":
+        logger.warning(PROCESS_WARNING)
+        return ProcessBackend()
+    try:
+        from codemode.executor.bwrap import BwrapBackend
+        from codemode.executor.hostcheck import check_host
+    except ImportError as exc:  # pragma: no cover - both ship with the package
+        raise IsolationUnavailable(f"the bwrap backend cannot be loaded: {exc}") from None
+    missing = [c for c in check_host() if c.required and not c.ok]
+    if missing:
+        lines = "\n".join(f"  - {c.name}: {c.detail} (fix: {c.fix})" for c in missing)
+        raise IsolationUnavailable(
+            "this host cannot enforce the sandbox:\n"
+            + lines
+            + "\nfix the above, or pass --isolation=process to run WITHOUT isolation"
+        )
+    return BwrapBackend(limits=config.limits)

@@ -1,0 +1,343 @@
+"""Per-execution cgroups for the memory and pids limits, on cgroup v1 or v2.
+
+The service creates one group per backend under its own cgroup (``codemode-<pid>-<token>``) and
+one child per execution. Each controller is taken from wherever this host offers it: a v1
+hierarchy mounted for that controller, or the v2 (unified) hierarchy when the controller is
+enabled for the service's cgroup's children. A host offering neither degrades to rlimits, and
+:func:`discover` says why.
+
+A guest is put into its execution's group before bubblewrap starts (the launcher writes its own
+pid to ``cgroup.procs``), so everything it forks is accounted there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONTROLLERS = ("memory", "pids")
+_PREFIX = "codemode-"
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSite:
+    """Where one controller's per-backend groups are created."""
+
+    controller: str
+    version: int  # 1 or 2
+    parent: Path  # the service's own cgroup directory in that hierarchy
+
+
+@dataclass(slots=True)
+class CgroupSupport:
+    """What :func:`discover` found: usable controllers and why others are not."""
+
+    sites: dict[str, ControllerSite] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def has(self, controller: str) -> bool:
+        return controller in self.sites
+
+
+def _own_cgroups() -> tuple[dict[str, str], str | None]:
+    """(v1 controller -> path, v2 path) of this process, from /proc/self/cgroup."""
+    v1: dict[str, str] = {}
+    v2: str | None = None
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return v1, v2
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, names, path = parts
+        if names == "":
+            v2 = path
+            continue
+        for name in names.split(","):
+            v1[name] = path
+    return v1, v2
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, options) of cgroup file systems."""
+    out: list[tuple[str, str, str]] = []
+    try:
+        text = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] in ("cgroup", "cgroup2"):
+            out.append((fields[1], fields[2], fields[3]))
+    return out
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def discover() -> CgroupSupport:
+    """Find, for each controller, a hierarchy where this process may create child groups."""
+    support = CgroupSupport()
+    own_v1, own_v2 = _own_cgroups()
+    mounts = _mounts()
+    v2_mount = next((Path(m) for m, fs, _ in mounts if fs == "cgroup2"), None)
+    for controller in CONTROLLERS:
+        site: ControllerSite | None = None
+        for mount_point, fs, options in mounts:
+            if fs != "cgroup" or controller not in options.split(","):
+                continue
+            rel = own_v1.get(controller)
+            if rel is None:
+                continue
+            parent = Path(mount_point) / rel.lstrip("/")
+            if _writable_dir(parent):
+                site = ControllerSite(controller, 1, parent)
+            else:
+                support.problems.append(
+                    f"{controller}: cgroup v1 group {parent} is not writable by this process"
+                )
+            break
+        if site is None and v2_mount is not None and own_v2 is not None:
+            parent = v2_mount / own_v2.lstrip("/")
+            try:
+                available = (parent / "cgroup.controllers").read_text().split()
+                enabled = (parent / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                available, enabled = [], []
+            if controller not in available:
+                support.problems.append(
+                    f"{controller}: not offered by cgroup v2 at {parent} (cgroup.controllers)"
+                )
+            elif controller not in enabled and not _enable_v2(parent, controller):
+                support.problems.append(
+                    f"{controller}: cgroup v2 controller not delegated to {parent}; run the "
+                    "service in a cgroup with it in cgroup.subtree_control (systemd: "
+                    "Delegate=yes, and the service in a leaf group)"
+                )
+            elif _writable_dir(parent):
+                site = ControllerSite(controller, 2, parent)
+            else:
+                support.problems.append(f"{controller}: {parent} is not writable")
+        if site is not None:
+            support.sites[controller] = site
+        elif not any(p.startswith(f"{controller}:") for p in support.problems):
+            support.problems.append(f"{controller}: no cgroup hierarchy offers this controller")
+    return support
+
+
+def _enable_v2(parent: Path, controller: str) -> bool:
+    try:
+        (parent / "cgroup.subtree_control").write_text(f"+{controller}")
+    except OSError:
+        return False
+    return True
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    """Parse ``key value`` lines (memory.oom_control, memory.events, pids.events)."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value.strip())
+    return out
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _write(path: Path, value: str) -> bool:
+    try:
+        path.write_text(value)
+    except OSError:
+        return False
+    return True
+
+
+def _procs(group: Path) -> list[int]:
+    try:
+        return [int(x) for x in (group / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _rmdir_tree(group: Path) -> bool:
+    """Remove ``group`` and its (empty) children, deepest first."""
+    if not group.exists():
+        return True
+    for child in sorted((p for p in group.iterdir() if p.is_dir()), reverse=True):
+        _rmdir_tree(child)
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stale(support: CgroupSupport) -> int:
+    """Remove groups left by earlier service processes that are gone. Returns how many."""
+    removed = 0
+    for site in support.sites.values():
+        try:
+            entries = list(site.parent.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith(_PREFIX) or not entry.is_dir():
+                continue
+            try:
+                owner = int(entry.name[len(_PREFIX) :].split("-", 1)[0])
+            except ValueError:
+                continue
+            if owner != os.getpid() and Path(f"/proc/{owner}").exists():
+                continue
+            for child in list(entry.iterdir()) if entry.exists() else []:
+                if child.is_dir():
+                    for pid in _procs(child):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
+            if _rmdir_tree(entry):
+                removed += 1
+    return removed
+
+
+class BackendCgroups:
+    """This backend's groups (one per controller) and the per-execution children in them."""
+
+    def __init__(self, support: CgroupSupport) -> None:
+        self.support = support
+        self._name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._roots: dict[str, Path] = {}
+        self._seq = 0
+
+    def create(self) -> None:
+        for controller, site in self.support.sites.items():
+            root = site.parent / self._name
+            root.mkdir(exist_ok=True)
+            if site.version == 2:
+                # Children of this group need the controller too.
+                _write(root / "cgroup.subtree_control", f"+{controller}")
+            elif controller == "memory":
+                _write(root / "memory.use_hierarchy", "1")
+            self._roots[controller] = root
+
+    @property
+    def controllers(self) -> list[str]:
+        return sorted(self._roots)
+
+    def new_execution(self, memory_bytes: int, max_processes: int) -> ExecutionCgroup:
+        self._seq += 1
+        name = f"x{self._seq}"
+        groups: dict[str, tuple[Path, int]] = {}
+        try:
+            for controller, root in self._roots.items():
+                version = self.support.sites[controller].version
+                path = root / name
+                path.mkdir()
+                groups[controller] = (path, version)
+                if controller == "memory" and memory_bytes > 0:
+                    if version == 1:
+                        (path / "memory.limit_in_bytes").write_text(str(memory_bytes))
+                        # No swap either (the file exists only with swap accounting).
+                        _write(path / "memory.memsw.limit_in_bytes", str(memory_bytes))
+                    else:
+                        (path / "memory.max").write_text(str(memory_bytes))
+                        _write(path / "memory.swap.max", "0")
+                if controller == "pids" and max_processes > 0:
+                    (path / "pids.max").write_text(str(max_processes))
+        except OSError:
+            ExecutionCgroup(groups).remove_now()
+            raise
+        return ExecutionCgroup(groups)
+
+    def remove(self) -> None:
+        for root in self._roots.values():
+            for child in list(root.iterdir()) if root.exists() else []:
+                if child.is_dir():
+                    ExecutionCgroup({"_": (child, 1)}).kill_all()
+            _rmdir_tree(root)
+        self._roots.clear()
+
+
+class ExecutionCgroup:
+    """One execution's groups: join files for the launcher, outcome flags, kill, cleanup."""
+
+    def __init__(self, groups: dict[str, tuple[Path, int]]) -> None:
+        self._groups = groups
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [str(path / "cgroup.procs") for path, _ in self._groups.values()]
+
+    def memory_exceeded(self) -> bool:
+        entry = self._groups.get("memory")
+        if entry is None:
+            return False
+        path, version = entry
+        if version == 2:
+            return _read_keyed(path / "memory.events").get("oom_kill", 0) > 0
+        oom = _read_keyed(path / "memory.oom_control")
+        if "oom_kill" in oom:
+            return oom["oom_kill"] > 0
+        return _read_int(path / "memory.failcnt") > 0
+
+    def pids_exceeded(self) -> bool:
+        entry = self._groups.get("pids")
+        if entry is None:
+            return False
+        return _read_keyed(entry[0] / "pids.events").get("max", 0) > 0
+
+    def pids(self) -> list[int]:
+        seen: set[int] = set()
+        for path, _ in self._groups.values():
+            seen.update(_procs(path))
+        return sorted(seen)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the groups (cgroup.kill on v2), until none is left."""
+        for path, version in self._groups.values():
+            if version == 2 and _write(path / "cgroup.kill", "1"):
+                continue
+            for _ in range(50):
+                pids = _procs(path)
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+
+    def remove_now(self) -> bool:
+        ok = True
+        for path, _ in self._groups.values():
+            ok = _rmdir_tree(path) and ok
+        return ok
+
+    def remove(self, timeout: float = 2.0) -> bool:
+        """Kill what is left, wait for the groups to empty, and remove them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.pids() and self.remove_now():
+                return True
+            self.kill_all()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)

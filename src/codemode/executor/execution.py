@@ -1,0 +1,341 @@
+"""One execution on the service side: start a guest, relay its tool calls, collect its outcome.
+
+This module knows nothing of gRPC: the servicer gives it a ``call_tool`` coroutine (which asks
+the application over the stream) and an ``on_output`` callback, and gets back the final
+``ExecutionResult``. Whatever happens — success, failure, a hit limit, cancellation — the
+guest's whole process tree is killed and every descriptor closed before this returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from codemode.config import LimitsConfig
+from codemode.executor.guest import FRAME_HEADER, MAX_HEADER_BYTES, ProtocolError, encode_frame, parse_header
+from codemode.executor.sandbox import GuestExit, GuestFds, GuestProcess, SandboxBackend
+from codemode.wire import codemode_pb2 as pb
+
+logger = logging.getLogger("codemode.executor")
+
+#: ``call_tool(tool, arguments_json) -> (ok, value_json, error_type, error_message)``
+ToolCaller = Callable[[str, bytes], Awaitable[tuple[bool, bytes, str, str]]]
+#: ``on_output(stream, data)``; ``stream`` is ``pb.Output.STDOUT`` or ``pb.Output.STDERR``.
+OutputSink = Callable[[int, bytes], Awaitable[None]]
+
+#: Calls one program may have waiting at once; more are refused inside the guest.
+MAX_PENDING_TOOL_CALLS = 256
+#: Largest tool-call argument payload a guest may send, bytes.
+MAX_ARGUMENT_BYTES = 16 * 1024 * 1024
+#: After the outcome, how long output pipes may take to reach EOF, seconds.
+DRAIN_TIMEOUT_S = 1.0
+
+
+class LimitHit(Exception):  # noqa: N818 - an outcome, named after what happened
+    """The execution crossed a limit; ``error_type`` is what the client sees."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclass(slots=True)
+class _Outcome:
+    header: dict[str, Any] | None = None
+    payload: bytes = b""
+
+
+class _Output:
+    """Reads one output pipe, keeps up to the limit shared with the other pipe, streams chunks."""
+
+    def __init__(self, which: int, budget: list[int], sink: OutputSink | None) -> None:
+        self.which = which
+        self.chunks: list[bytes] = []
+        self.truncated = False
+        self._budget = budget
+        self._sink = sink
+
+    async def pump(self, reader: asyncio.StreamReader, on_limit: Callable[[], None]) -> None:
+        while chunk := await reader.read(65536):
+            room = self._budget[0]
+            if len(chunk) > room:
+                chunk = chunk[:room]
+                self.truncated = True
+            self._budget[0] -= len(chunk)
+            if chunk:
+                self.chunks.append(chunk)
+                if self._sink is not None:
+                    await self._sink(self.which, chunk)
+            if self.truncated:
+                on_limit()
+                return
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
+
+
+async def _read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[dict[str, Any], bytes]:
+    head_len, payload_len = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    if head_len > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header of {head_len} bytes")
+    if payload_len > max_payload:
+        raise LimitHit("ResultTooLarge", f"the program sent {payload_len} bytes; the limit is {max_payload}")
+    header = parse_header(await reader.readexactly(head_len))
+    return header, await reader.readexactly(payload_len)
+
+
+def describe_exit(exit: GuestExit, limits: LimitsConfig) -> LimitHit:
+    """Why a guest ended without reporting an outcome."""
+    if exit.memory_exceeded:
+        return LimitHit("MemoryLimit", f"the program exceeded its memory limit of {limits.memory_bytes} bytes")
+    if exit.pids_exceeded:
+        return LimitHit("ProcessLimit", f"the program exceeded its limit of {limits.max_processes} processes")
+    if exit.signal == signal.SIGXCPU or exit.signal == signal.SIGKILL:
+        # RLIMIT_CPU sends SIGXCPU, then SIGKILL one second later; the cgroup OOM killer is
+        # reported through memory_exceeded above.
+        return LimitHit("CpuLimit", f"the program used its {limits.cpu_seconds:g} s of CPU time")
+    if exit.signal is not None:
+        name = signal.Signals(exit.signal).name
+        return LimitHit("Crashed", f"the program's process was killed by {name}")
+    return LimitHit("Crashed", f"the program's process exited with code {exit.returncode} before finishing")
+
+
+async def run_execution(
+    *,
+    backend: SandboxBackend,
+    code: str,
+    tools: Sequence[str],
+    config: Any,
+    context: Any,
+    timeout: float,
+    limits: LimitsConfig,
+    call_tool: ToolCaller,
+    on_output: OutputSink | None,
+    correlation_id: str,
+) -> pb.ExecutionResult:
+    """Run ``code`` in a fresh guest and return its outcome. Cancelling this kills the guest."""
+    started = time.perf_counter()
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    guest: GuestProcess | None = None
+    transports: list[asyncio.BaseTransport] = []
+    tasks: list[asyncio.Task[Any]] = []
+    writer: asyncio.StreamWriter | None = None
+    budget = [limits.max_output_bytes]
+    outputs = [_Output(pb.Output.STDOUT, budget, on_output), _Output(pb.Output.STDERR, budget, on_output)]
+    tool_calls = 0
+    try:
+        try:
+            guest = await backend.spawn(GuestFds(child_sock.fileno(), out_w, err_w))
+        finally:
+            child_sock.close()
+            os.close(out_w)
+            os.close(err_w)
+        readers = []
+        for fd in (out_r, err_r):
+            reader, transport = await _pipe_reader(fd)
+            transports.append(transport)
+            readers.append(reader)
+        out_r = err_r = -1  # owned by the transports now
+        chan_reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=1 << 20)
+
+        limit_hit: asyncio.Future[LimitHit] = asyncio.get_running_loop().create_future()
+
+        def hit(error: LimitHit) -> None:
+            if not limit_hit.done():
+                limit_hit.set_result(error)
+
+        def output_limit() -> None:
+            hit(LimitHit("OutputLimit", f"the program wrote more than {limits.max_output_bytes} bytes of output"))
+
+        for output, reader in zip(outputs, readers, strict=True):
+            tasks.append(asyncio.create_task(output.pump(reader, output_limit)))
+
+        header = {
+            "t": "start",
+            "tools": list(tools),
+            "config": config,
+            "context": context,
+            "limits": limits.model_dump(),
+        }
+        writer.write(encode_frame(header, code.encode()))
+        await writer.drain()
+
+        pending: set[asyncio.Task[None]] = set()
+        write_lock = asyncio.Lock()
+        declared = frozenset(tools)
+        chan_writer = writer
+
+        async def answer(call_id: str, tool: str, arguments: bytes) -> None:
+            if tool not in declared:
+                reply: tuple[bool, bytes, str, str] = (
+                    False,
+                    b"",
+                    "AttributeError",
+                    f"tool {tool!r} is not available to this program",
+                )
+            else:
+                reply = await call_tool(tool, arguments)
+            ok, value, error_type, message = reply
+            head = {"t": "reply", "id": call_id, "ok": ok}
+            if not ok:
+                head.update(type=error_type, message=message)
+            async with write_lock:
+                chan_writer.write(encode_frame(head, value if ok else b""))
+                await chan_writer.drain()
+
+        async def relay() -> _Outcome:
+            nonlocal tool_calls
+            max_payload = max(limits.max_result_bytes, MAX_ARGUMENT_BYTES)
+            while True:
+                head, payload = await _read_frame(chan_reader, max_payload)
+                if head["t"] == "done":
+                    if len(payload) > limits.max_result_bytes:
+                        raise LimitHit(
+                            "ResultTooLarge",
+                            f"result is {len(payload)} bytes; the limit is {limits.max_result_bytes}",
+                        )
+                    return _Outcome(head, payload)
+                if head["t"] != "call":
+                    raise ProtocolError(f"unexpected frame {head['t']!r} from the program")
+                tool_calls += 1
+                if len(pending) >= MAX_PENDING_TOOL_CALLS:
+                    raise LimitHit("ToolCallLimit", f"more than {MAX_PENDING_TOOL_CALLS} tool calls waiting at once")
+                task = asyncio.create_task(answer(str(head.get("id")), str(head.get("tool")), payload))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        relay_task = asyncio.create_task(relay())
+        exit_task = asyncio.create_task(guest.wait())
+        tasks += [relay_task, exit_task]
+        try:
+            async with asyncio.timeout(timeout):
+                done, _ = await asyncio.wait(
+                    {relay_task, exit_task, limit_hit}, return_when=asyncio.FIRST_COMPLETED
+                )
+            if relay_task in done:
+                outcome_or_error: _Outcome | BaseException = (
+                    relay_task.exception() or relay_task.result()
+                )
+            elif limit_hit in done:
+                outcome_or_error = limit_hit.result()
+            else:
+                # The guest exited; a done frame it wrote just before may still be in flight.
+                try:
+                    outcome_or_error = await asyncio.wait_for(asyncio.shield(relay_task), 0.2)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    outcome_or_error = describe_exit(exit_task.result(), limits)
+                except (LimitHit, ProtocolError) as exc:
+                    outcome_or_error = exc
+        except TimeoutError:
+            outcome_or_error = LimitHit("Timeout", f"the program ran longer than its {timeout:g} s time limit")
+        for task in pending:
+            task.cancel()
+        guest.kill()
+        await _drain(tasks)
+        if isinstance(outcome_or_error, asyncio.IncompleteReadError | ConnectionError):
+            outcome_or_error = describe_exit(await guest.wait(), limits)
+        return _to_result(
+            outcome_or_error,
+            outputs,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            correlation_id=correlation_id,
+            tool_calls=tool_calls,
+        )
+    finally:
+        if guest is not None:
+            guest.kill()
+        for task in tasks:
+            task.cancel()
+        for transport in transports:
+            transport.close()
+        for fd in (out_r, err_r):
+            if fd >= 0:
+                os.close(fd)
+        if writer is not None:
+            writer.close()
+        else:
+            parent_sock.close()
+        if guest is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(guest.wait())
+
+
+async def _drain(tasks: list[asyncio.Task[Any]]) -> None:
+    """Let the output pumps reach EOF (the guest is dead), within a bound."""
+    pumps = [t for t in tasks[:2] if not t.done()]
+    if pumps:
+        await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT_S)
+
+
+def _to_result(
+    outcome: _Outcome | BaseException,
+    outputs: list[_Output],
+    *,
+    duration_ms: float,
+    correlation_id: str,
+    tool_calls: int,
+) -> pb.ExecutionResult:
+    result = pb.ExecutionResult(
+        stdout=outputs[0].data(),
+        stderr=outputs[1].data(),
+        duration_ms=duration_ms,
+        correlation_id=correlation_id,
+        tool_calls=tool_calls,
+        output_truncated=any(o.truncated for o in outputs),
+    )
+    if isinstance(outcome, _Outcome) and outcome.header is not None:
+        head = outcome.header
+        if head.get("ok"):
+            result.success = True
+            result.result_json = outcome.payload
+            return result
+        result.error_type = str(head.get("type") or "Error")
+        result.error_message = str(head.get("message") or "")
+        result.traceback = str(head.get("traceback") or "")
+        return result
+    if isinstance(outcome, LimitHit):
+        result.error_type, result.error_message = outcome.error_type, str(outcome)
+    elif isinstance(outcome, ProtocolError):
+        result.error_type, result.error_message = "ProtocolError", f"the program broke the guest protocol: {outcome}"
+    else:
+        result.error_type, result.error_message = "Crashed", f"the program ended abnormally: {outcome!r}"
+    logger.info(
+        "execution ended by %s: %s",
+        result.error_type,
+        result.error_message,
+        extra={"correlation_id": correlation_id},
+    )
+    return result
+
+
+def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Decode a JSON object sent by the client; raises ``ValueError`` naming ``what``."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value

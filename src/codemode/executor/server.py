@@ -1,0 +1,98 @@
+"""Building, running and stopping the executor's gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from codemode.config import ExecutorConfig
+from codemode.config._defaults import MAX_MESSAGE_BYTES
+from codemode.executor.sandbox import SandboxBackend
+from codemode.executor.service import AuthInterceptor, ExecutorServicer
+from codemode.wire import codemode_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("codemode.executor")
+
+SERVICE_NAME = "codemode.v1.Executor"
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port and what :meth:`stop` needs."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: ExecutorServicer
+    health: HealthServicer
+    backend: SandboxBackend
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let running executions finish for ``grace`` s, kill the rest."""
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.backend.close()
+
+
+async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> RunningServer:
+    """Start serving on ``config.host:config.port`` (port 0 picks a free one)."""
+    interceptors = []
+    if config.api_key is not None:
+        interceptors.append(AuthInterceptor(config.api_key.get_secret_value()))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    servicer = ExecutorServicer(config, backend)
+    pb_grpc.add_ExecutorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{config.host}:{config.port}"
+    if config.host.startswith("unix:"):
+        address = config.host
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
+            root_certificates=config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None,
+            require_client_auth=config.tls_client_ca_file is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    await backend.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, servicer, health, backend)
+
+
+async def serve_forever(config: ExecutorConfig, backend: SandboxBackend, *, on_ready: object = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``."""
+    running = await start_server(config, backend)
+    logger.info(
+        "executor serving",
+        extra={"address": f"{config.host}:{running.port}", "isolation": backend.name,
+               "auth": config.api_key is not None},
+    )
+    if callable(on_ready):
+        on_ready(running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down", extra={"grace_s": config.shutdown_grace})
+    await running.stop(config.shutdown_grace)
+    logger.info("executor stopped")
