@@ -39,8 +39,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
         return 3
     if config.api_key is None:
-        print("codemode serve: WARNING: --insecure-no-auth: anyone who can reach the port can run code",
-              file=sys.stderr)
+        print(
+            "codemode serve: WARNING: --insecure-no-auth: anyone who reaches the port runs code",
+            file=sys.stderr,
+        )
 
     def ready(port: int) -> None:
         # One machine-readable line so that scripts and tests can find an ephemeral port.
@@ -62,8 +64,10 @@ async def _exec_embedded(code: str, timeout: float | None) -> Any:
     try:
         backend = make_backend(server_config)
     except IsolationUnavailable as exc:
-        print(f"codemode exec: no sandbox on this host, running the program as a plain process:\n{exc}",
-              file=sys.stderr)
+        print(
+            f"codemode exec: no sandbox here; running the program as a plain process:\n{exc}",
+            file=sys.stderr,
+        )
         backend = ProcessBackend()
     running = await start_server(server_config, backend)
     try:
@@ -124,7 +128,9 @@ def _doctor(args: argparse.Namespace) -> int:
     missing = [c for c in checks if c.required and not c.ok]
     print()
     if missing:
-        print("isolation: NOT available; `codemode serve` will refuse to start (or use --isolation=process)")
+        print(
+            "isolation: NOT available; `codemode serve` refuses to start (or --isolation=process)"
+        )
         return 1
     print("isolation: available (bwrap)")
     return 0
@@ -139,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 8001; 0 picks a free one)")
     serve.add_argument("--config", help="YAML file of ExecutorConfig settings")
     serve.add_argument("--insecure-no-auth", action="store_true", help="serve without an API key")
-    serve.add_argument("--isolation", choices=["auto", "bwrap", "process"],
-                       help="sandbox backend (default auto: bwrap, or refuse to start)")
+    serve.add_argument(
+        "--isolation",
+        choices=["auto", "bwrap", "process"],
+        help="sandbox backend (default auto: bwrap, or refuse to start)",
+    )
     serve.add_argument("--max-concurrent", type=int, help="executions running at once")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     serve.add_argument("--log-format", choices=["json", "text"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from codemode.config import ClientConfig
 from codemode.core.context import ContextScope, RuntimeContext
@@ -13,9 +13,6 @@ from codemode.core.errors import ExecutionError, ExecutorTimeoutError
 from codemode.core.executor_client import ExecutorClient, run_sync
 from codemode.core.registry import ComponentRegistry
 from codemode.core.results import ExecutionEvent, ExecutionResult
-
-if TYPE_CHECKING:
-    from codemode.integrations.crewai import CodemodeTool
 
 
 class Codemode:
@@ -33,7 +30,9 @@ class Codemode:
         self.client = ExecutorClient(config=config, registry=self.registry)
 
     @classmethod
-    def from_client_config(cls, config: ClientConfig, registry: ComponentRegistry | None = None) -> Self:
+    def from_client_config(
+        cls, config: ClientConfig, registry: ComponentRegistry | None = None
+    ) -> Self:
         """A Codemode using ``config``."""
         return cls(config, registry)
 
@@ -140,14 +139,6 @@ class Codemode:
         """Blocking :meth:`health_check_async`."""
         return run_sync(self.client.health_check_async())
 
-    # Integrations ----------------------------------------------------------------------------
-
-    def as_crewai_tool(self, **kwargs: Any) -> CodemodeTool:
-        """A CrewAI tool that runs the agent's code here (needs the ``crewai`` extra)."""
-        from codemode.integrations.crewai import as_crewai_tool
-
-        return as_crewai_tool(self, **kwargs)
-
     # Lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -162,7 +153,10 @@ class Codemode:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -170,7 +164,10 @@ class Codemode:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close_async()
 

@@ -17,7 +17,7 @@ when a gRPC status was involved, ``status`` (its name, e.g. ``"UNAVAILABLE"``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -82,7 +82,7 @@ class ExecutorRequestError(ExecutorClientError):
 
 
 class ExecutorAuthenticationError(ExecutorRequestError):
-    """The API key is wrong or missing: check ``executor_api_key`` / ``CODEMODE_EXECUTOR_API_KEY``."""
+    """The API key is wrong or missing: check ``executor_api_key``."""
 
 
 class ExecutorOverloadedError(ExecutorRequestError):
@@ -127,7 +127,7 @@ def error_from_rpc(
     ``not_started`` is the executor's own statement (trailer) that the program never started;
     ``sent`` tells whether the start frame left this process.
     """
-    kw = {"correlation_id": correlation_id, "status": code.name}
+    kw: dict[str, Any] = {"correlation_id": correlation_id, "status": code.name}
     refusal = _REFUSALS.get(code)
     if refusal is not None:
         return refusal(f"executor refused the request ({code.name}): {details}", **kw)

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -39,7 +39,7 @@ from codemode.core.errors import (
     InvalidRequestError,
     error_from_rpc,
 )
-from codemode.core.registry import ComponentNotFoundError, ComponentRegistry, call_tool
+from codemode.core.registry import ComponentRegistry, call_tool
 from codemode.core.results import (
     ExecutionEvent,
     ExecutionResult,
@@ -343,7 +343,7 @@ class ExecutorClient:
             config_json=config_json,
             context_json=context.to_json(),
             timeout_seconds=timeout,
-            limits=pb.Limits(**dict(limits or {})),
+            limits=pb.Limits(**_limit_fields(limits)),
             stream_output=stream_output,
         )
         return start, context.with_correlation_id(cid), tools
@@ -379,7 +379,9 @@ class ExecutorClient:
                 if kind == "tool_call":
                     yield relay.start(frame.tool_call)
                 elif kind == "output":
-                    stream = "stderr" if frame.output.stream == pb.Output.STDERR else "stdout"
+                    stream: Literal["stdout", "stderr"] = (
+                        "stderr" if frame.output.stream == pb.Output.STDERR else "stdout"
+                    )
                     yield OutputEvent(stream, frame.output.data.decode("utf-8", "replace"))
                 elif kind == "result":
                     for event in relay.finished():
@@ -492,7 +494,7 @@ class _ToolRelay:
             return _tool_error(
                 "TimeoutError", f"tool {name!r} did not answer within {self._timeout:g}s"
             )
-        except Exception as exc:  # noqa: BLE001 - any tool failure goes back to the program
+        except Exception as exc:
             return _tool_error(type(exc).__name__, str(exc))
         try:
             encoded = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
@@ -501,6 +503,18 @@ class _ToolRelay:
                 "TypeError", f"tool {name!r} returned a value that is not JSON-serialisable: {exc}"
             )
         return pb.ToolResult(ok=True, value_json=encoded)
+
+
+def _limit_fields(limits: Mapping[str, float] | None) -> dict[str, Any]:
+    """Requested limit overrides as ``pb.Limits`` fields; unknown names are a clear error."""
+    fields = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
+    out: dict[str, Any] = {}
+    for name, value in (limits or {}).items():
+        field = fields.get(name)
+        if field is None:
+            raise InvalidRequestError(f"unknown limit {name!r}; known: {', '.join(sorted(fields))}")
+        out[name] = float(value) if field.cpp_type == field.CPPTYPE_DOUBLE else int(value)
+    return out
 
 
 def _tool_error(error_type: str, message: str) -> pb.ToolResult:

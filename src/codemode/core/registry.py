@@ -40,7 +40,7 @@ def _check_tool(name: str, tool: object) -> None:
         raise ValueError(f"tool name {name!r} must be a Python identifier (tools.{name}(...))")
     if not any(callable(getattr(tool, m, None)) for m in ("run", "run_async", "run_with_context")):
         raise TypeError(
-            f"tool {name!r} ({type(tool).__name__}) needs a run, run_async or run_with_context method"
+            f"tool {name!r} ({type(tool).__name__}) needs run, run_async or run_with_context"
         )
     if hasattr(tool, "run_async") and not _is_tool_async(tool):
         raise TypeError(f"tool {name!r}: run_async must be an async def method")
@@ -102,7 +102,7 @@ class ComponentRegistry:
     # Context -----------------------------------------------------------------------------
 
     def set_context(self, context: RuntimeContext | Mapping[str, Any]) -> ContextScope:
-        """Make ``context`` the current task's context; returns a scope that can restore the old one."""
+        """Make ``context`` the current task's; the returned scope can restore the old one."""
         if not isinstance(context, RuntimeContext):
             context = RuntimeContext(variables=context)
         return ContextScope(current_context.set(context))
@@ -119,7 +119,7 @@ class ComponentRegistry:
 async def call_tool(
     tool: Any, args: list[Any], kwargs: dict[str, Any], context: RuntimeContext
 ) -> Any:
-    """Run one tool call: ``run_with_context``, else ``run_async`` on the loop, else ``run`` in a thread.
+    """Run one tool call: ``run_with_context``, else ``run_async``, else ``run`` in a thread.
 
     Sync methods never run on the event loop. ``context`` is always the application's own.
     """

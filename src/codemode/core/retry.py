@@ -44,7 +44,7 @@ class RetryPolicy:
         """Seconds to wait before retry number ``attempt`` (0-based), or None to give up."""
         if attempt >= self.max_retries or not is_retryable(exc):
             return None
-        delay = rand() * min(self.max_delay, self.base * (2**attempt))
+        delay: float = rand() * min(self.max_delay, self.base * (2**attempt))
         if waited + delay > self.budget:
             return None
         return delay

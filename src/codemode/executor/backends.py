@@ -16,7 +16,7 @@ PROCESS_WARNING = (
 )
 
 
-class IsolationUnavailable(RuntimeError):  # noqa: N818 - reads as the condition it reports
+class IsolationUnavailable(RuntimeError):
     """The host cannot enforce the isolation asked for; the message lists what is missing."""
 
 

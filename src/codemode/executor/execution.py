@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from codemode.config import LimitsConfig
-from codemode.executor.guest import FRAME_HEADER, MAX_HEADER_BYTES, ProtocolError, encode_frame, parse_header
+from codemode.executor.guest import (
+    FRAME_HEADER,
+    MAX_HEADER_BYTES,
+    ProtocolError,
+    encode_frame,
+    parse_header,
+)
 from codemode.executor.sandbox import GuestExit, GuestFds, GuestProcess, SandboxBackend
 from codemode.wire import codemode_pb2 as pb
 
@@ -40,7 +46,7 @@ MAX_ARGUMENT_BYTES = 16 * 1024 * 1024
 DRAIN_TIMEOUT_S = 1.0
 
 
-class LimitHit(Exception):  # noqa: N818 - an outcome, named after what happened
+class LimitHit(Exception):
     """The execution crossed a limit; ``error_type`` is what the client sees."""
 
     def __init__(self, error_type: str, message: str) -> None:
@@ -92,12 +98,16 @@ async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTrans
     return reader, transport
 
 
-async def _read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[dict[str, Any], bytes]:
+async def _read_frame(
+    reader: asyncio.StreamReader, max_payload: int
+) -> tuple[dict[str, Any], bytes]:
     head_len, payload_len = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
     if head_len > MAX_HEADER_BYTES:
         raise ProtocolError(f"frame header of {head_len} bytes")
     if payload_len > max_payload:
-        raise LimitHit("ResultTooLarge", f"the program sent {payload_len} bytes; the limit is {max_payload}")
+        raise LimitHit(
+            "ResultTooLarge", f"the program sent {payload_len} bytes; the limit is {max_payload}"
+        )
     header = parse_header(await reader.readexactly(head_len))
     return header, await reader.readexactly(payload_len)
 
@@ -105,9 +115,13 @@ async def _read_frame(reader: asyncio.StreamReader, max_payload: int) -> tuple[d
 def describe_exit(exit: GuestExit, limits: LimitsConfig) -> LimitHit:
     """Why a guest ended without reporting an outcome."""
     if exit.memory_exceeded:
-        return LimitHit("MemoryLimit", f"the program exceeded its memory limit of {limits.memory_bytes} bytes")
+        return LimitHit(
+            "MemoryLimit", f"the program exceeded its memory limit of {limits.memory_bytes} bytes"
+        )
     if exit.pids_exceeded:
-        return LimitHit("ProcessLimit", f"the program exceeded its limit of {limits.max_processes} processes")
+        return LimitHit(
+            "ProcessLimit", f"the program exceeded its limit of {limits.max_processes} processes"
+        )
     if exit.signal == signal.SIGXCPU or exit.signal == signal.SIGKILL:
         # RLIMIT_CPU sends SIGXCPU, then SIGKILL one second later; the cgroup OOM killer is
         # reported through memory_exceeded above.
@@ -115,7 +129,9 @@ def describe_exit(exit: GuestExit, limits: LimitsConfig) -> LimitHit:
     if exit.signal is not None:
         name = signal.Signals(exit.signal).name
         return LimitHit("Crashed", f"the program's process was killed by {name}")
-    return LimitHit("Crashed", f"the program's process exited with code {exit.returncode} before finishing")
+    return LimitHit(
+        "Crashed", f"the program's process exited with code {exit.returncode} before finishing"
+    )
 
 
 async def run_execution(
@@ -141,7 +157,10 @@ async def run_execution(
     tasks: list[asyncio.Task[Any]] = []
     writer: asyncio.StreamWriter | None = None
     budget = [limits.max_output_bytes]
-    outputs = [_Output(pb.Output.STDOUT, budget, on_output), _Output(pb.Output.STDERR, budget, on_output)]
+    outputs = [
+        _Output(pb.Output.STDOUT, budget, on_output),
+        _Output(pb.Output.STDERR, budget, on_output),
+    ]
     tool_calls = 0
     try:
         try:
@@ -165,7 +184,12 @@ async def run_execution(
                 limit_hit.set_result(error)
 
         def output_limit() -> None:
-            hit(LimitHit("OutputLimit", f"the program wrote more than {limits.max_output_bytes} bytes of output"))
+            hit(
+                LimitHit(
+                    "OutputLimit",
+                    f"the program wrote more than {limits.max_output_bytes} bytes of output",
+                )
+            )
 
         for output, reader in zip(outputs, readers, strict=True):
             tasks.append(asyncio.create_task(output.pump(reader, output_limit)))
@@ -212,15 +236,20 @@ async def run_execution(
                     if len(payload) > limits.max_result_bytes:
                         raise LimitHit(
                             "ResultTooLarge",
-                            f"result is {len(payload)} bytes; the limit is {limits.max_result_bytes}",
+                            f"result is {len(payload)} bytes; limit {limits.max_result_bytes}",
                         )
                     return _Outcome(head, payload)
                 if head["t"] != "call":
                     raise ProtocolError(f"unexpected frame {head['t']!r} from the program")
                 tool_calls += 1
                 if len(pending) >= MAX_PENDING_TOOL_CALLS:
-                    raise LimitHit("ToolCallLimit", f"more than {MAX_PENDING_TOOL_CALLS} tool calls waiting at once")
-                task = asyncio.create_task(answer(str(head.get("id")), str(head.get("tool")), payload))
+                    raise LimitHit(
+                        "ToolCallLimit",
+                        f"more than {MAX_PENDING_TOOL_CALLS} tool calls waiting at once",
+                    )
+                task = asyncio.create_task(
+                    answer(str(head.get("id")), str(head.get("tool")), payload)
+                )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
@@ -229,9 +258,8 @@ async def run_execution(
         tasks += [relay_task, exit_task]
         try:
             async with asyncio.timeout(timeout):
-                done, _ = await asyncio.wait(
-                    {relay_task, exit_task, limit_hit}, return_when=asyncio.FIRST_COMPLETED
-                )
+                waiting: list[asyncio.Future[Any]] = [relay_task, exit_task, limit_hit]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if relay_task in done:
                 outcome_or_error: _Outcome | BaseException = (
                     relay_task.exception() or relay_task.result()
@@ -247,7 +275,9 @@ async def run_execution(
                 except (LimitHit, ProtocolError) as exc:
                     outcome_or_error = exc
         except TimeoutError:
-            outcome_or_error = LimitHit("Timeout", f"the program ran longer than its {timeout:g} s time limit")
+            outcome_or_error = LimitHit(
+                "Timeout", f"the program ran longer than its {timeout:g} s time limit"
+            )
         for task in pending:
             task.cancel()
         guest.kill()
@@ -316,9 +346,15 @@ def _to_result(
     if isinstance(outcome, LimitHit):
         result.error_type, result.error_message = outcome.error_type, str(outcome)
     elif isinstance(outcome, ProtocolError):
-        result.error_type, result.error_message = "ProtocolError", f"the program broke the guest protocol: {outcome}"
+        result.error_type, result.error_message = (
+            "ProtocolError",
+            f"the program broke the guest protocol: {outcome}",
+        )
     else:
-        result.error_type, result.error_message = "Crashed", f"the program ended abnormally: {outcome!r}"
+        result.error_type, result.error_message = (
+            "Crashed",
+            f"the program ended abnormally: {outcome!r}",
+        )
     logger.info(
         "execution ended by %s: %s",
         result.error_type,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import itertools
 import json
 import linecache
@@ -130,7 +131,7 @@ class Channel:
 class _Waiter:
     """One outstanding call, answered from the reader thread."""
 
-    __slots__ = ("done", "header", "loop", "payload", "future")
+    __slots__ = ("done", "future", "header", "loop", "payload")
 
     def __init__(self, loop: Any = None, future: Any = None) -> None:
         self.done = threading.Event()
@@ -182,13 +183,17 @@ class Relay:
             self._closed = exc
             os._exit(70)
 
-    def _submit(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: _Waiter) -> None:
+    def _submit(
+        self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: _Waiter
+    ) -> None:
         if tool not in self.tool_names:
             raise AttributeError(_unknown_tool_message(tool, self.tool_names))
         try:
             payload = _JSON_ENCODER.encode({"args": list(args), "kwargs": kwargs}).encode()
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"arguments to tool {tool!r} must be JSON-serialisable: {exc}") from None
+            raise TypeError(
+                f"arguments to tool {tool!r} must be JSON-serialisable: {exc}"
+            ) from None
         call_id = str(next(self._ids))
         self._ensure_reader()
         with self._lock:
@@ -253,7 +258,7 @@ class Tool:
         return await self._relay.call_async(self._name, args, kwargs)
 
     def run_with_context(self, context: object = None, /, *args: Any, **kwargs: Any) -> Any:
-        """Call a context-aware tool. The application supplies the context; ``context`` is ignored."""
+        """Call a context-aware tool; the application supplies the context, ``context`` is unused."""
         del context
         return self._relay.call(self._name, args, kwargs)
 
@@ -265,6 +270,7 @@ class Tools:
     """The program's ``tools``: ``tools.name(...)`` or ``tools['name'].run(...)``."""
 
     __slots__ = ("_relay",)
+    _relay: Relay
 
     def __init__(self, relay: Relay) -> None:
         object.__setattr__(self, "_relay", relay)
@@ -331,7 +337,9 @@ def user_traceback(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     first_user = next((i for i, f in enumerate(frames) if f.filename == USER_FILENAME), None)
     # The runtime's own frames (tool forwarders, the relay) are not the user's business.
-    kept = [f for f in frames[first_user:] if f.filename != __file__] if first_user is not None else []
+    kept = (
+        [f for f in frames[first_user:] if f.filename != __file__] if first_user is not None else []
+    )
     lines = ["Traceback (most recent call last):\n"] if kept else []
     lines += traceback.format_list(kept)
     lines += traceback.format_exception_only(type(exc), exc)
@@ -431,15 +439,13 @@ def serve_one(channel_fd: int) -> int:
             done: tuple[dict[str, Any], bytes] = _error_frame(exc), b""
         else:
             done = _encode_result(namespace, int(limits.get("max_result_bytes") or 0))
-    except BaseException as exc:  # noqa: BLE001 - every failure of the program is reported
+    except BaseException as exc:
         done = _error_frame(exc), b""
     else:
         done = _encode_result(namespace, int(limits.get("max_result_bytes") or 0))
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     channel.send(*done)
     return 0
 

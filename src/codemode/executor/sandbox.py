@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -38,6 +39,23 @@ class GuestExit:
     signal: int | None = None
     memory_exceeded: bool = False
     pids_exceeded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    """Per-execution limits a backend enforces from the host (0 = not enforced there).
+
+    ``memory_bytes`` and ``max_processes`` are cgroup limits where the host has the controllers
+    (else rlimits); ``tmpfs_bytes`` bounds each of the private ``/tmp`` and ``/dev/shm``; the rest
+    are rlimit backstops under the guest, which lowers them further from its start frame.
+    """
+
+    memory_bytes: int = 512 << 20
+    max_processes: int = 64
+    tmpfs_bytes: int = 64 << 20
+    cpu_seconds: int = 0
+    max_file_bytes: int = 0
+    max_open_files: int = 0
 
 
 class GuestProcess(abc.ABC):
@@ -87,10 +105,8 @@ class _PlainGuest(GuestProcess):
 
     def kill(self) -> None:
         # The guest leads its own session, so its process group holds what it forked.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class ProcessBackend(SandboxBackend):

@@ -56,7 +56,7 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
         maximum_concurrent_rpcs=None,
     )
     servicer = ExecutorServicer(config, backend)
-    pb_grpc.add_ExecutorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_ExecutorServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{config.host}:{config.port}"
@@ -65,7 +65,9 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
     if config.tls_cert_file is not None and config.tls_key_file is not None:
         credentials = grpc.ssl_server_credentials(
             [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())],
-            root_certificates=config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None,
+            root_certificates=config.tls_client_ca_file.read_bytes()
+            if config.tls_client_ca_file
+            else None,
             require_client_auth=config.tls_client_ca_file is not None,
         )
         port = server.add_secure_port(address, credentials)
@@ -78,13 +80,18 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
     return RunningServer(server, port, servicer, health, backend)
 
 
-async def serve_forever(config: ExecutorConfig, backend: SandboxBackend, *, on_ready: object = None) -> None:
+async def serve_forever(
+    config: ExecutorConfig, backend: SandboxBackend, *, on_ready: object = None
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``."""
     running = await start_server(config, backend)
     logger.info(
         "executor serving",
-        extra={"address": f"{config.host}:{running.port}", "isolation": backend.name,
-               "auth": config.api_key is not None},
+        extra={
+            "address": f"{config.host}:{running.port}",
+            "isolation": backend.name,
+            "auth": config.api_key is not None,
+        },
     )
     if callable(on_ready):
         on_ready(running.port)

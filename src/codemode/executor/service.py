@@ -33,7 +33,7 @@ START_FRAME_TIMEOUT_S = 10.0
 _UNAUTHENTICATED_PATHS_PREFIX = "/grpc.health.v1.Health/"
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Rejects every call without ``authorization: Bearer <key>`` before its handler runs.
 
     The key is compared in constant time. Health checks are exempt so that load balancers and
@@ -62,13 +62,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)")
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)"
+    )
 
 
 _REJECT = grpc.stream_stream_rpc_method_handler(_reject)
 
 
-class Overloaded(Exception):  # noqa: N818 - a refusal, named for the caller's log line
+class Overloaded(Exception):
     """No execution slot could be had."""
 
 
@@ -116,7 +118,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         )
         self.accepting = True
 
-    async def Execute(  # noqa: N802 - the gRPC method name
+    # Frames are written with context.write (not yielded) so that tool calls and output from
+    # concurrent tasks interleave on the stream; hence the override of the generated signature.
+    async def Execute(  # type: ignore[override]  # noqa: N802 - the gRPC method name
         self,
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
@@ -128,9 +132,13 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         try:
             first = await asyncio.wait_for(anext(frames), START_FRAME_TIMEOUT_S)
         except (StopAsyncIteration, TimeoutError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream must begin with a start frame")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the stream must begin with a start frame"
+            )
         if first.WhichOneof("frame") != "start":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a start frame")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a start frame"
+            )
         start = first.start
         try:
             request = self._validate(start)
@@ -138,7 +146,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             logger.info("refused a malformed request: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self.accepting:
-            await _abort_not_started(context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down")
+            await _abort_not_started(
+                context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down"
+            )
         try:
             async with self._admission.slot():
                 logger.info("execution started", extra=log)
@@ -146,21 +156,30 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         except Overloaded as exc:
             logger.warning("refused: executor overloaded (%s)", exc, extra=log)
             await _abort_not_started(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"executor overloaded: {exc}; retry later"
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"executor overloaded: {exc}; retry later",
             )
         except _ClientProtocolError as exc:
             logger.warning("client broke the protocol: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         logger.info(
             "execution finished",
-            extra={**log, "success": result.success, "error_type": result.error_type or None,
-                   "duration_ms": round(result.duration_ms, 3), "tool_calls": result.tool_calls},
+            extra={
+                **log,
+                "success": result.success,
+                "error_type": result.error_type or None,
+                "duration_ms": round(result.duration_ms, 3),
+                "tool_calls": result.tool_calls,
+            },
         )
         await context.write(pb.ServerFrame(result=result))
 
     def _validate(self, start: pb.StartExecution) -> dict[str, Any]:
         if len(start.code.encode()) > self._config.max_code_bytes:
-            raise ValueError(f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes")
+            raise ValueError(
+                f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes"
+            )
         timeout = start.timeout_seconds or self._config.default_execution_timeout
         if timeout < 0:
             raise ValueError("timeout_seconds must not be negative")
@@ -202,7 +221,11 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         async def call_tool(tool: str, arguments: bytes) -> tuple[bool, bytes, str, str]:
             call_id = str(next(ids))
             future = pending[call_id] = asyncio.get_running_loop().create_future()
-            await write(pb.ServerFrame(tool_call=pb.ToolCall(call_id=call_id, tool=tool, arguments_json=arguments)))
+            await write(
+                pb.ServerFrame(
+                    tool_call=pb.ToolCall(call_id=call_id, tool=tool, arguments_json=arguments)
+                )
+            )
             answer = await future
             return answer.ok, answer.value_json, answer.error_type, answer.error_message
 
@@ -233,7 +256,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 raise reader.exception() from None  # type: ignore[misc]
             if reader.result() == "cancel":
                 return pb.ExecutionResult(
-                    error_type="Cancelled", error_message="the application cancelled the execution", correlation_id=cid
+                    error_type="Cancelled",
+                    error_message="the application cancelled the execution",
+                    correlation_id=cid,
                 )
             raise
         finally:
@@ -259,7 +284,9 @@ async def _read_client(
             if kind == "tool_result":
                 future = pending.pop(frame.tool_result.call_id, None)
                 if future is None:
-                    raise _ClientProtocolError(f"tool result for unknown call id {frame.tool_result.call_id!r}")
+                    raise _ClientProtocolError(
+                        f"tool result for unknown call id {frame.tool_result.call_id!r}"
+                    )
                 if not future.done():
                     future.set_result(frame.tool_result)
             elif kind == "cancel":
@@ -274,7 +301,11 @@ async def _read_client(
     for future in pending.values():
         if not future.done():
             future.set_result(
-                pb.ToolResult(ok=False, error_type="ConnectionError", error_message="the application closed the stream")
+                pb.ToolResult(
+                    ok=False,
+                    error_type="ConnectionError",
+                    error_message="the application closed the stream",
+                )
             )
     return "closed"
 
