@@ -60,6 +60,12 @@ current_context: contextvars.ContextVar[RuntimeContext | None] = contextvars.Con
 )
 
 
+#: The correlation id of the execution whose tool call is running, for tools without context.
+current_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "codemode_correlation_id", default=None
+)
+
+
 class ContextScope:
     """Returned by ``with_context``: the context is already set; ``with`` restores the old one."""
 

@@ -26,7 +26,7 @@ import grpc.aio
 from codemode.config import ClientConfig
 from codemode.config._defaults import DEADLINE_MARGIN_S
 from codemode.core.channel import open_channel
-from codemode.core.context import RuntimeContext, current_context
+from codemode.core.context import RuntimeContext, current_context, current_correlation_id
 from codemode.core.errors import (
     NOT_STARTED_TRAILER,
     ExecutionError,
@@ -486,6 +486,7 @@ class _ToolRelay:
                 "ComponentNotFoundError",
                 f"tool {name!r} is declared but not registered in the application",
             )
+        current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
         try:
             value = await asyncio.wait_for(
                 call_tool(tool, args, kwargs, self._context), self._timeout

@@ -120,7 +120,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
 
     # Frames are written with context.write (not yielded) so that tool calls and output from
     # concurrent tasks interleave on the stream; hence the override of the generated signature.
-    async def Execute(  # type: ignore[override]  # noqa: N802 - the gRPC method name
+    async def Execute(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
@@ -163,6 +163,12 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         except _ClientProtocolError as exc:
             logger.warning("client broke the protocol: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (OSError, RuntimeError) as exc:
+            # The sandbox could not be started or driven: the executor's fault, not the program's.
+            logger.exception("execution failed inside the executor", extra=log)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"executor failed to run the program: {exc}"
+            )
         logger.info(
             "execution finished",
             extra={
