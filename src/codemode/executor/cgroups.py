@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,13 +330,9 @@ class ExecutionCgroup:
             ok = _rmdir_tree(path) and ok
         return ok
 
-    def remove(self, timeout: float = 2.0) -> bool:
-        """Kill what is left, wait for the groups to empty, and remove them."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.pids() and self.remove_now():
-                return True
+    def try_remove(self) -> bool:
+        """Kill what is left and remove the groups; False while a process is still in one."""
+        if self.pids():
             self.kill_all()
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.002)
+            return False
+        return self.remove_now()

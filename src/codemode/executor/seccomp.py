@@ -115,7 +115,7 @@ def binding_available() -> tuple[bool, str]:
         return False, str(exc)
     try:
         api = mod.get_api()
-    except Exception as exc:  # noqa: BLE001 - any failure of the C library is reported
+    except Exception as exc:  # any failure of the C library is reported
         return False, f"libseccomp does not answer: {exc}"
     return True, f"pyseccomp over libseccomp (API level {api})"
 
