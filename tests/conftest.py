@@ -1,0 +1,15 @@
+"""Fixtures for every tier: a clean ``CODEMODE_*`` environment for each test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_codemode_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no CODEMODE_* setting of the developer's shell (CODEMODE_TEST_* excepted)."""
+    for name in list(os.environ):
+        if name.startswith("CODEMODE_") and not name.startswith("CODEMODE_TEST_"):
+            monkeypatch.delenv(name)
