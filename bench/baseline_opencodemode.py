@@ -1,0 +1,280 @@
+"""Benchmark the incumbent, PyPI ``opencodemode==0.3.0b13``, on loopback, without Docker.
+
+Run with the baseline venv's interpreter (``bench/setup_baseline.sh`` makes it)::
+
+    /work/baseline-venv/bin/python bench/baseline_opencodemode.py [--smoke]
+
+The incumbent installs under the import name ``codemode`` too, which is why it lives in its own
+venv and this script must never run with the project's interpreter.
+
+Topology (what the incumbent needs): the application runs a gRPC *ToolService* that the executor
+dials back into for every tool call, and the executor service runs user code in a fresh
+``python -c`` subprocess per execution. Here:
+
+* the ToolService is served from this process, on the asyncio loop, bound to 127.0.0.1;
+* the executor service is a child process (``--serve-executor`` below) built from the package's
+  own ``ExecutorGrpcService`` and bound to 127.0.0.1 (the package's ``python -m
+  codemode.executor.service`` entry point binds ``[::]``, i.e. every interface);
+* configuration goes through the package's environment variables (``CODEMODE_API_KEY``,
+  ``CODEMODE_MAIN_APP_TARGET``, ``CODEMODE_LOG_LEVEL``).
+
+``Codemode.execute_async`` in this version calls the blocking ``execute`` on the event loop, so
+with the ToolService on the same loop it cannot answer the executor's tool-metadata fetch; every
+execution is therefore made with ``Codemode.execute`` on a worker thread (one per in-flight
+execution), which is how an asyncio application has to drive it.
+"""
+
+# `codemode` here is the incumbent's package, not ours: ruff's first-party guess (from src/)
+# would split its imports oddly, so import sorting is off for this file.
+# ruff: noqa: I001
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+
+PINNED = "0.3.0b13"
+SCRIPT = str(Path(__file__).resolve())
+
+
+def _check_incumbent() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        got = version("opencodemode")
+    except PackageNotFoundError:
+        sys.exit(
+            "opencodemode is not installed in this interpreter; run bench/setup_baseline.sh and "
+            "use /work/baseline-venv/bin/python"
+        )
+    if got != PINNED:
+        sys.exit(f"expected opencodemode=={PINNED}, found {got}")
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# Executor child process
+
+
+async def _serve_executor() -> None:
+    import grpc
+    from codemode.config.sidecar_config import SidecarConfig
+    from codemode.executor.service import ExecutorGrpcService
+    from codemode.protos import codemode_pb2_grpc
+
+    config = SidecarConfig.from_env()
+    server = grpc.aio.server()
+    codemode_pb2_grpc.add_ExecutorServiceServicer_to_server(
+        ExecutorGrpcService.from_config(config), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"PORT {port}", flush=True)
+    await server.wait_for_termination()
+
+
+# --------------------------------------------------------------------------------------------
+# Tools (application side)
+
+
+class Echo:
+    """Trivial synchronous tool."""
+
+    def run(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+class AsyncEcho:
+    """Trivial asynchronous tool."""
+
+    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+class Sleepy:
+    """Asynchronous tool that sleeps ``E_SLEEP_S`` seconds."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
+        await asyncio.sleep(self.seconds)
+        return kwargs
+
+
+def code_sync_tool(calls: int) -> str:
+    return f"for i in range({calls}):\n    tools['echo'].run(i=i)\nresult = {calls}\n"
+
+
+def code_async_tool(calls: int) -> str:
+    # No top-level await in the incumbent's guest (it runs ``python -c``).
+    return (
+        "import asyncio\n"
+        "async def main():\n"
+        f"    for i in range({calls}):\n"
+        "        await tools['aecho'].run(i=i)\n"
+        f"    return {calls}\n"
+        "result = asyncio.run(main())\n"
+    )
+
+
+def code_gather(calls: int) -> str:
+    return (
+        "import asyncio\n"
+        "async def main():\n"
+        f"    return await asyncio.gather(*[tools['sleepy'].run(i=i) for i in range({calls})])\n"
+        "result = len(asyncio.run(main()))\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def bench(smoke: bool) -> dict[str, Any]:
+    import grpc
+    from codemode import Codemode
+    from codemode.config import ClientConfig
+    from codemode.core.registry import ComponentRegistry
+    from codemode.grpc.server import ToolService
+    from codemode.protos import codemode_pb2_grpc
+
+    sizes = benchlib.SMOKE if smoke else benchlib.FULL
+    api_key = secrets.token_hex(16)
+
+    # The ToolService must be up first: the executor is configured with its address.
+    registry = ComponentRegistry()
+    registry.register_tool("echo", Echo())
+    registry.register_tool("aecho", AsyncEcho())
+    registry.register_tool("sleepy", Sleepy(sizes["e_sleep_s"]))
+    tool_server = grpc.aio.server()
+    codemode_pb2_grpc.add_ToolServiceServicer_to_server(ToolService(registry, api_key), tool_server)
+    tool_port = tool_server.add_insecure_port("127.0.0.1:0")
+    await tool_server.start()
+
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the executor
+        prefix="baseline-executor-", suffix=".log", delete=False
+    )
+    env = dict(os.environ)
+    env.update(
+        CODEMODE_API_KEY=api_key,
+        CODEMODE_MAIN_APP_TARGET=f"127.0.0.1:{tool_port}",
+        CODEMODE_LOG_LEVEL="WARNING",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        SCRIPT,
+        "--serve-executor",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+        env=env,
+    )
+    workloads: dict[str, Any] = {}
+    pool = ThreadPoolExecutor(max_workers=max(16, sizes["c_in_flight"]), thread_name_prefix="exec")
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        if not line.startswith(b"PORT "):
+            raise RuntimeError(f"executor did not start (log: {log.name}): {line!r}")
+        port = int(line.split()[1])
+
+        codemode = Codemode.from_client_config(
+            ClientConfig(executor_url=f"http://127.0.0.1:{port}", executor_api_key=api_key),
+            registry=registry,
+        )
+        loop = asyncio.get_running_loop()
+
+        async def execute(code: str) -> str:
+            out = await loop.run_in_executor(pool, codemode.execute, code)
+            if out.startswith("ERROR:"):
+                raise AssertionError(out)
+            return out
+
+        # Warm up: metadata fetch, channel, page cache.
+        await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, sizes["warmup"])
+        await benchlib.timed(execute, code_sync_tool(2), 2)
+        await benchlib.timed(execute, code_async_tool(2), 2)
+
+        print("a. sequential `result = 2 + 2` ...", flush=True)
+        samples = await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, sizes["a_n"])
+        workloads["a_trivial"] = {"n": sizes["a_n"], **benchlib.summarize_ms(samples)}
+
+        print("b. tool round trips ...", flush=True)
+        workloads["b_tool_sync"] = await benchlib.tool_loop(
+            execute, code_sync_tool, sizes["b_calls"], sizes["b_reps"]
+        )
+        workloads["b_tool_async"] = await benchlib.tool_loop(
+            execute, code_async_tool, sizes["b_calls"], sizes["b_reps"]
+        )
+
+        print("c/d. concurrent `sum(range(1000))` with RSS sampling ...", flush=True)
+        idle = benchlib.tree_rss_bytes(proc.pid)
+        with benchlib.RssSampler(proc.pid) as sampler:
+            workloads["c_concurrent"] = await benchlib.concurrent(
+                execute,
+                benchlib.CODE_SUM,
+                sum(range(1000)),
+                sizes["c_n"],
+                sizes["c_in_flight"],
+            )
+        workloads["d_rss"] = sampler.summary(idle)
+
+        print("e. tools under asyncio.gather ...", flush=True)
+        samples = await benchlib.sequential(
+            execute, code_gather(sizes["e_calls"]), sizes["e_calls"], sizes["e_reps"]
+        )
+        workloads["e_gather"] = {
+            "calls": sizes["e_calls"],
+            "sleep_ms": sizes["e_sleep_s"] * 1000,
+            "reps": sizes["e_reps"],
+            "total_ms_p50": benchlib.summarize_ms(samples)["p50_ms"],
+            "total_ms_max": benchlib.summarize_ms(samples)["max_ms"],
+        }
+        codemode.close()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await tool_server.stop(None)
+        log.close()
+        benchlib.remove_file(log.name)
+    return workloads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks it works")
+    parser.add_argument("--serve-executor", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    version = _check_incumbent()
+    if args.serve_executor:
+        asyncio.run(_serve_executor())
+        return
+
+    started = time.perf_counter()
+    workloads = asyncio.run(bench(args.smoke))
+    impl = f"opencodemode {version}"
+    path = benchlib.write_results("baseline", impl, workloads, args.smoke)
+    benchlib.print_table(f"{impl} (baseline){' [smoke]' if args.smoke else ''}", workloads)
+    print(f"wrote {path} in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Shared, standard-library-only helpers for the benchmark scripts.
+
+Imported by both ``bench/run.py`` (our SDK, project venv) and ``bench/baseline_opencodemode.py``
+(the incumbent, in its own venv), so it must not import ``codemode`` or any third-party package.
+Both scripts describe one run with the same workload names and keys so ``compare.py`` can line
+them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+#: Workload sizes for a full run and for ``--smoke`` (CI: proves it works, asserts no speed).
+FULL = {
+    "a_n": 200,
+    "b_calls": 50,
+    "b_reps": 10,
+    "c_n": 400,
+    "c_in_flight": 16,
+    "e_calls": 10,
+    "e_sleep_s": 0.1,
+    "e_reps": 5,
+    "warmup": 5,
+}
+SMOKE = {
+    "a_n": 5,
+    "b_calls": 5,
+    "b_reps": 2,
+    "c_n": 16,
+    "c_in_flight": 4,
+    "e_calls": 10,
+    "e_sleep_s": 0.1,
+    "e_reps": 1,
+    "warmup": 1,
+}
+
+# The programs each side runs. The tool-calling ones differ in surface syntax only, since the
+# incumbent's guest has no top-level ``await`` and proxies a tool as ``tools[name].run``.
+CODE_TRIVIAL = "result = 2 + 2"
+CODE_SUM = "result = sum(range(1000))"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100.0 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def summarize_ms(samples_s: list[float]) -> dict[str, float]:
+    """p50/p99/mean/min/max in milliseconds from samples in seconds."""
+    ms = [s * 1000.0 for s in samples_s]
+    return {
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "min_ms": round(min(ms), 3),
+        "max_ms": round(max(ms), 3),
+    }
+
+
+def remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"nothing listening on {host}:{port} after {timeout_s}s"
+                ) from None
+            await asyncio.sleep(0.05)
+        else:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+
+# --------------------------------------------------------------------------------------------
+# RSS of a process tree, from /proc (Linux only; no psutil in either venv)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces or parentheses: split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def tree_pids(root: int) -> list[int]:
+    children = _children_map()
+    pids, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack.extend(children.get(pid, []))
+    return pids
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Sum of resident set sizes over ``root`` and all its descendants."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree on a background thread while the ``with`` body runs."""
+
+    def __init__(self, root_pid: int, interval_s: float = 0.1) -> None:
+        self.root_pid = root_pid
+        self.interval_s = interval_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(tree_rss_bytes(self.root_pid))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, idle_bytes: int) -> dict[str, float]:
+        mib = 1024.0 * 1024.0
+        samples = self.samples or [0]
+        return {
+            "idle_mib": round(idle_bytes / mib, 1),
+            "peak_mib": round(max(samples) / mib, 1),
+            "median_mib": round(statistics.median(samples) / mib, 1),
+            "samples": len(self.samples),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Workload drivers: each side supplies ``execute(code) -> awaitable JSON string``
+
+
+Execute = Callable[[str], Awaitable[str]]
+
+
+def decode(result: str) -> Any:
+    """The Python value of an execution's JSON-encoded result (fails loudly on an error)."""
+    try:
+        return json.loads(result)
+    except (TypeError, ValueError):
+        raise AssertionError(f"execution did not return a JSON result: {result!r}") from None
+
+
+async def timed(execute: Execute, code: str, expect: Any) -> float:
+    start = time.perf_counter()
+    out = await execute(code)
+    elapsed = time.perf_counter() - start
+    value = decode(out)
+    if value != expect:
+        raise AssertionError(f"expected {expect!r}, got {value!r} for {code!r}")
+    return elapsed
+
+
+async def sequential(execute: Execute, code: str, expect: Any, n: int) -> list[float]:
+    return [await timed(execute, code, expect) for _ in range(n)]
+
+
+async def tool_loop(
+    execute: Execute, make_code: Callable[[int], str], calls: int, reps: int
+) -> dict[str, float]:
+    """Per-call cost of a tool: (median time with ``calls`` calls - median with 0) / calls."""
+    with_calls, without = [], []
+    for _ in range(reps):
+        # Interleave so drift (thermal, GC, page cache) hits both sides alike.
+        without.append(await timed(execute, make_code(0), 0))
+        with_calls.append(await timed(execute, make_code(calls), calls))
+    full = statistics.median(with_calls)
+    empty = statistics.median(without)
+    return {
+        "calls": calls,
+        "reps": reps,
+        "per_call_ms": round((full - empty) * 1000.0 / calls, 4),
+        "total_ms_p50": round(full * 1000.0, 3),
+        "empty_ms_p50": round(empty * 1000.0, 3),
+    }
+
+
+async def concurrent(
+    execute: Execute, code: str, expect: Any, n: int, in_flight: int
+) -> dict[str, float]:
+    """``n`` executions with ``in_flight`` outstanding at any time from one client."""
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            latencies.append(await timed(execute, code, expect))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    wall = time.perf_counter() - start
+    out: dict[str, float] = {"n": n, "in_flight": in_flight, "wall_s": round(wall, 3)}
+    out["exec_per_s"] = round(n / wall, 2)
+    out.update(summarize_ms(latencies))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                info["os"] = line.split("=", 1)[1].strip('"')
+    return info
+
+
+def write_results(name: str, impl: str, workloads: dict[str, Any], smoke: bool) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "impl": impl,
+        "smoke": smoke,
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine_info(),
+        "workloads": workloads,
+    }
+    path = RESULTS_DIR / (f"{name}.smoke.json" if smoke else f"{name}.json")
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+#: (workload, key, label, unit, higher_is_better)
+METRICS: list[tuple[str, str, str, str, bool]] = [
+    ("a_trivial", "p50_ms", "a. `result = 2 + 2` p50", "ms", False),
+    ("a_trivial", "p99_ms", "a. `result = 2 + 2` p99", "ms", False),
+    ("b_tool_sync", "per_call_ms", "b. sync tool, per call", "ms", False),
+    ("b_tool_async", "per_call_ms", "b. async tool, per call", "ms", False),
+    ("c_concurrent", "exec_per_s", "c. 16 in flight, throughput", "exec/s", True),
+    ("c_concurrent", "p50_ms", "c. 16 in flight, p50", "ms", False),
+    ("c_concurrent", "p99_ms", "c. 16 in flight, p99", "ms", False),
+    ("d_rss", "peak_mib", "d. executor RSS peak (during c)", "MiB", False),
+    ("d_rss", "idle_mib", "d. executor RSS idle", "MiB", False),
+    ("e_gather", "total_ms_p50", "e. 10 x 100 ms tools under gather", "ms", False),
+]
+
+
+def iter_metrics(workloads: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    for workload, key, label, unit, _ in METRICS:
+        yield label, unit, workloads.get(workload, {}).get(key)
+
+
+def print_table(title: str, workloads: dict[str, Any]) -> None:
+    rows = [
+        (label, "-" if v is None else f"{v:g}", unit) for label, unit, v in iter_metrics(workloads)
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}")
+    print("-" * (width + 22))
+    for label, value, unit in rows:
+        print(f"{label:<{width}}  {value:>12} {unit}")
+    print("-" * (width + 22))
