@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from codemode.executor.bwrap import BwrapBackend
+from codemode.executor.bwrap import DEFAULT_UID_BASE, BwrapBackend
 from codemode.executor.guest import Channel, encode_frame
 from codemode.executor.sandbox import GuestExit, GuestFds, SandboxLimits
 
@@ -32,6 +32,7 @@ class Outcome:
     exit: GuestExit
     stdout: str
     stderr: str
+    uid: int
 
     @property
     def result(self) -> Any:
@@ -89,7 +90,8 @@ async def run(
     guest.kill()
     exit_ = await asyncio.wait_for(guest.wait(), 10)
     channel._sock.close()
-    return Outcome(done, payload, exit_, (await stdout).decode(), (await stderr).decode())
+    uid = guest.uid  # type: ignore[attr-defined]
+    return Outcome(done, payload, exit_, (await stdout).decode(), (await stderr).decode(), uid)
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +283,7 @@ async def test_tmpfs_is_size_bounded(backend: BwrapBackend) -> None:
     assert (await run(backend, code)).result == 28  # ENOSPC at the 8 MiB bound
 
 
-def _sandbox_processes(backend: BwrapBackend) -> list[int]:
+def _processes_of(uid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -291,8 +293,7 @@ def _sandbox_processes(backend: BwrapBackend) -> list[int]:
         except OSError:
             continue
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        uid = int(uid_line.split()[1])
-        if backend.uid_base <= uid < backend.uid_base + backend.uid_count:
+        if int(uid_line.split()[1]) == uid:
             found.append(int(entry.name))
     return found
 
@@ -313,7 +314,7 @@ async def test_kill_leaves_nothing(backend: BwrapBackend) -> None:
     out = await run(backend, code, kill_after=1.5)
     assert out.done is None
     assert out.exit.signal == 9
-    assert _sandbox_processes(backend) == []
+    assert _processes_of(out.uid) == []
 
 
 async def test_fork_bomb_is_capped(backend: BwrapBackend) -> None:
@@ -335,7 +336,7 @@ async def test_fork_bomb_is_capped(backend: BwrapBackend) -> None:
     out = await run(backend, code)
     assert out.result["made"] < 32
     assert out.exit.pids_exceeded or out.result["errno"] == 11
-    assert _sandbox_processes(backend) == []
+    assert _processes_of(out.uid) == []
 
 
 async def test_memory_limit_is_reported(backend: BwrapBackend) -> None:
@@ -358,7 +359,8 @@ async def test_guest_rlimits_from_start_frame(backend: BwrapBackend) -> None:
 
 
 async def test_close_leaves_no_cgroup_or_process() -> None:
-    b = BwrapBackend(SandboxLimits(max_processes=16))
+    # A uid range of its own: the module's backend has sandboxes waiting in its pool.
+    b = BwrapBackend(SandboxLimits(max_processes=16), uid_base=DEFAULT_UID_BASE + 100_000)
     await b.start()
     ours, theirs = socket.socketpair()
     out_r, out_w = os.pipe()
@@ -367,12 +369,23 @@ async def test_close_leaves_no_cgroup_or_process() -> None:
     os.close(out_w)
     ours.sendall(encode_frame({"t": "start", "tools": []}, b"import time; time.sleep(600)"))
     await asyncio.sleep(0.5)
-    groups = [s.parent for s in (b.cgroup_support.sites.values() if b.cgroup_support else [])]
+    sites = b.cgroup_support.sites.values() if b.cgroup_support else []
+    groups = [s.parent / b._cgroups.name for s in sites if b._cgroups is not None]
     await b.close()
     exit_ = await guest.wait()
     assert exit_.signal == 9
-    assert _sandbox_processes(b) == []
-    for parent in groups:
-        assert not [p for p in parent.iterdir() if p.name.startswith(f"codemode-{os.getpid()}-")]
+    assert _processes_of(guest.uid) == []  # type: ignore[attr-defined]
+    assert not [p for u in range(b.uid_base, b.uid_base + 8) for p in _processes_of(u)]
+    for group in groups:
+        assert not group.exists()
     ours.close()
     os.close(out_r)
+
+
+async def test_cold_start_without_pool() -> None:
+    b = BwrapBackend(pool_size=0, uid_base=DEFAULT_UID_BASE + 200_000)
+    try:
+        out = await run(b, "result = sum(range(10))")
+        assert out.result == 45
+    finally:
+        await b.close()

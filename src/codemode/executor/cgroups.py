@@ -240,6 +240,11 @@ class BackendCgroups:
             self._roots[controller] = root
 
     @property
+    def name(self) -> str:
+        """This backend's group name, the same under every controller."""
+        return self._name
+
+    @property
     def controllers(self) -> list[str]:
         return sorted(self._roots)
 
@@ -268,13 +273,15 @@ class BackendCgroups:
             raise
         return ExecutionCgroup(groups)
 
-    def remove(self) -> None:
-        for root in self._roots.values():
+    def remove(self) -> bool:
+        """Kill what is left in this backend's groups and remove them; False if some remain."""
+        for controller, root in list(self._roots.items()):
             for child in list(root.iterdir()) if root.exists() else []:
                 if child.is_dir():
                     ExecutionCgroup({"_": (child, 1)}).kill_all()
-            _rmdir_tree(root)
-        self._roots.clear()
+            if _rmdir_tree(root):
+                del self._roots[controller]
+        return not self._roots
 
 
 class ExecutionCgroup:

@@ -450,10 +450,30 @@ def serve_one(channel_fd: int) -> int:
     return 0
 
 
+def receive_fds(control_fd: int) -> int:
+    """Wait on ``control_fd`` for (channel, stdout, stderr) from the service; return the channel.
+
+    A pre-started guest gets its descriptors this way (one ``SCM_RIGHTS`` message); stdout and
+    stderr become fds 1 and 2.
+    """
+    with socket.socket(fileno=control_fd) as control:
+        _, fds, _, _ = socket.recv_fds(control, 16, 3)
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("the service sent no descriptors")
+    channel, out, err = fds
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    return channel
+
+
 def main(argv: list[str]) -> NoReturn:
-    """Entry point when started as a script: ``guest.py CHANNEL_FD``."""
+    """Entry point as a script: ``guest.py CHANNEL_FD`` or ``guest.py --fds-from CONTROL_FD``."""
     try:
-        serve_one(int(argv[1]))
+        serve_one(receive_fds(int(argv[2])) if argv[1] == "--fds-from" else int(argv[1]))
     except (EOFError, ProtocolError, OSError):
         os._exit(70)
     # Skip interpreter teardown: threads may still wait on the channel, and the service
