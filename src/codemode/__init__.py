@@ -20,6 +20,7 @@ from codemode.core import (
     RuntimeContext,
 )
 from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
+from codemode.tools import tool
 
 __all__ = [
     "ClientConfig",
@@ -43,4 +44,5 @@ __all__ = [
     "ToolCallEvent",
     "ToolResultEvent",
     "__version__",
+    "tool",
 ]

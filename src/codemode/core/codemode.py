@@ -57,6 +57,35 @@ class Codemode:
         """
         return self.registry.set_context(RuntimeContext(variables=variables))
 
+    # What the model sees ------------------------------------------------------------------
+
+    def describe_tools(self, names: Sequence[str] | None = None, *, preamble: bool = True) -> str:
+        """The registered tools (or ``names``) as Python stubs, after a preamble on calling them.
+
+        Deterministic: put it in the model's prompt. See :mod:`codemode.tools.stubs`.
+        """
+        from codemode.tools.stubs import describe_tools
+
+        return describe_tools(self.registry.tools(), names, preamble=preamble)
+
+    def as_crewai_tool(self, **options: Any) -> Any:
+        """This Codemode as a ``crewai.tools.BaseTool`` (needs ``pip install 'codemode[crewai]'``).
+
+        Options as :func:`codemode.integrations.crewai.CodemodeTool`.
+        """
+        from codemode.integrations.crewai import CodemodeTool
+
+        return CodemodeTool(codemode=self, **options)
+
+    def as_langchain_tool(self, **options: Any) -> Any:
+        """This Codemode as a ``langchain_core`` tool (``pip install 'codemode[langchain]'``).
+
+        Options as :func:`codemode.integrations.langchain.codemode_tool`.
+        """
+        from codemode.integrations.langchain import codemode_tool
+
+        return codemode_tool(self, **options)
+
     # Executing -------------------------------------------------------------------------------
 
     async def run_async(

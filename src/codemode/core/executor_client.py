@@ -331,6 +331,11 @@ class ExecutorClient:
                 continue
             tool = tools[name] = self.registry.get_tool(name)
             specs.append(pb.ToolSpec(name=name, is_async=hasattr(tool, "run_async")))
+        if names:
+            # tools.search / tools.describe, answered in _ToolRelay from this call's tools.
+            from codemode.tools.discovery import DISCOVERY_TOOLS
+
+            specs += [pb.ToolSpec(name=n) for n in DISCOVERY_TOOLS if n not in names]
         try:
             config_json = json.dumps(dict(config or {}), separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
@@ -481,6 +486,14 @@ class _ToolRelay:
 
     async def _run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> pb.ToolResult:
         tool = self._tools.get(name)
+        if tool is None and name.startswith("_codemode_"):
+            from codemode.tools.discovery import answer_discovery
+
+            try:
+                value = answer_discovery(name, args, kwargs, self._tools)
+            except Exception as exc:
+                return _tool_error(type(exc).__name__, str(exc))
+            return pb.ToolResult(ok=True, value_json=json.dumps(value).encode())
         if tool is None:
             return _tool_error(
                 "ComponentNotFoundError",
@@ -489,7 +502,7 @@ class _ToolRelay:
         current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
         try:
             value = await asyncio.wait_for(
-                call_tool(tool, args, kwargs, self._context), self._timeout
+                call_tool(tool, args, kwargs, self._context, name=name), self._timeout
             )
         except TimeoutError:
             return _tool_error(

@@ -61,11 +61,19 @@ class ComponentRegistry:
         """Make ``tool`` callable from programs as ``tools.<name>``.
 
         ``tool`` has ``run(**kwargs)``, ``async run_async(**kwargs)`` or
-        ``run_with_context(context, **kwargs)``. Raises :class:`ComponentAlreadyExistsError`
-        when the name is taken (unless ``overwrite``), ``ValueError``/``TypeError`` when the
-        name or the tool is unusable.
+        ``run_with_context(context, **kwargs)``, or is a function (plain or ``@tool``-decorated;
+        a plain one is wrapped with :func:`codemode.tools.tool`). Raises
+        :class:`ComponentAlreadyExistsError` when the name is taken (unless ``overwrite``),
+        ``ValueError``/``TypeError`` when the name or the tool is unusable.
         """
+        # Imported here: codemode.tools builds on this package.
+        from codemode.tools import spec_for
+        from codemode.tools import tool as make_tool
+
+        if inspect.isfunction(tool) or inspect.ismethod(tool):
+            tool = make_tool(tool, name=name)
         _check_tool(name, tool)
+        spec_for(tool)  # read the signature now, so a broken one fails at registration
         with self._lock:
             if name in self._tools and not overwrite:
                 raise ComponentAlreadyExistsError(f"tool {name!r} is already registered")
@@ -117,17 +125,31 @@ class ComponentRegistry:
 
 
 async def call_tool(
-    tool: Any, args: list[Any], kwargs: dict[str, Any], context: RuntimeContext
+    tool: Any,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    context: RuntimeContext,
+    *,
+    name: str | None = None,
 ) -> Any:
     """Run one tool call: ``run_with_context``, else ``run_async``, else ``run`` in a thread.
 
+    The arguments are first validated against the tool's signature (``TypeError`` naming
+    ``name`` and each bad argument); the return value comes back as plain JSON data.
     Sync methods never run on the event loop. ``context`` is always the application's own.
     """
+    from codemode.tools.spec import spec_for  # imported here: codemode.tools builds on core
+
+    spec = spec_for(tool)
+    args, kwargs = spec.bind(name or type(tool).__name__, args, kwargs)
     with_context = getattr(tool, "run_with_context", None)
     if with_context is not None:
         if inspect.iscoroutinefunction(with_context):
-            return await with_context(context, *args, **kwargs)
-        return await asyncio.to_thread(with_context, context, *args, **kwargs)
-    if _is_tool_async(tool):
-        return await tool.run_async(*args, **kwargs)
-    return await asyncio.to_thread(tool.run, *args, **kwargs)
+            value = await with_context(context, *args, **kwargs)
+        else:
+            value = await asyncio.to_thread(with_context, context, *args, **kwargs)
+    elif _is_tool_async(tool):
+        value = await tool.run_async(*args, **kwargs)
+    else:
+        value = await asyncio.to_thread(tool.run, *args, **kwargs)
+    return spec.dump_result(value)

@@ -39,6 +39,10 @@ USER_FILENAME = "<codemode>"
 #: Largest header a peer may send; payloads are bounded by the limits in the start frame.
 MAX_HEADER_BYTES = 1 << 20
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
+#: Reserved tool names behind ``tools.search`` / ``tools.describe``, answered by the client.
+SEARCH_TOOL = "_codemode_search"
+DESCRIBE_TOOL = "_codemode_describe"
+_DISCOVERY = frozenset({SEARCH_TOOL, DESCRIBE_TOOL})
 
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -233,7 +237,7 @@ def _outcome(tool: str, header: Mapping[str, Any], payload: bytes) -> Any:
 
 
 def _unknown_tool_message(name: str, available: frozenset[str]) -> str:
-    listed = ", ".join(sorted(available)) or "(none)"
+    listed = ", ".join(sorted(available - _DISCOVERY)) or "(none)"
     return f"tool {name!r} is not available to this program; available tools: {listed}"
 
 
@@ -267,38 +271,63 @@ class Tool:
 
 
 class Tools:
-    """The program's ``tools``: ``tools.name(...)`` or ``tools['name'].run(...)``."""
+    """The program's ``tools``: ``tools.name(...)`` or ``tools['name'].run(...)``.
 
-    __slots__ = ("_relay",)
+    ``tools.search(query)`` and ``tools.describe(name)`` ask the application about its tools,
+    unless the application has tools of those names, which then win.
+    """
+
+    __slots__ = ("_names", "_relay")
     _relay: Relay
+    _names: frozenset[str]
 
     def __init__(self, relay: Relay) -> None:
         object.__setattr__(self, "_relay", relay)
+        object.__setattr__(self, "_names", relay.tool_names - _DISCOVERY)
 
-    def __getattr__(self, name: str) -> Tool:
-        if name.startswith("__") or name not in self._relay.tool_names:
-            raise AttributeError(_unknown_tool_message(name, self._relay.tool_names))
-        return Tool(self._relay, name)
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__") and name in self._names:
+            return Tool(self._relay, name)
+        if name == "search":
+            return self._search
+        if name == "describe":
+            return self._describe
+        raise AttributeError(_unknown_tool_message(name, self._relay.tool_names))
 
     def __getitem__(self, name: str) -> Tool:
-        if name not in self._relay.tool_names:
+        if name not in self._names:
             raise KeyError(_unknown_tool_message(name, self._relay.tool_names))
         return Tool(self._relay, name)
+
+    def _discover(self, tool: str, args: tuple[Any, ...]) -> Any:
+        if tool not in self._relay.tool_names:
+            raise AttributeError("tool discovery is not available: this program has no tools")
+        return self._relay.call(tool, args, {})
+
+    def _search(self, query: str, limit: int = 10) -> list[dict[str, str]]:
+        """Tools matching ``query``, best first: ``[{"name": ..., "summary": ...}, ...]``."""
+        found: list[dict[str, str]] = self._discover(SEARCH_TOOL, (query, limit))
+        return found
+
+    def _describe(self, name: str | None = None) -> str:
+        """The Python stub of tool ``name`` (of every tool when None), to read or print."""
+        stub: str = self._discover(DESCRIBE_TOOL, (name,))
+        return stub
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError("tools is read-only")
 
     def __contains__(self, name: object) -> bool:
-        return name in self._relay.tool_names
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._relay.tool_names))
+        return iter(sorted(self._names))
 
     def __dir__(self) -> list[str]:
-        return sorted(self._relay.tool_names)
+        return sorted(self._names)
 
     def __repr__(self) -> str:
-        return f"<tools: {', '.join(sorted(self._relay.tool_names))}>"
+        return f"<tools: {', '.join(sorted(self._names))}>"
 
 
 def _freeze(value: Any) -> Any:
