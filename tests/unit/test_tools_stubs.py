@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
+import pytest
 from pydantic import BaseModel, Field
 
 from codemode import Codemode, RuntimeContext, tool
 from codemode.config import ClientConfig
+from tests.helpers import REPO_ROOT
 
 
 class Order(BaseModel):
@@ -125,5 +128,21 @@ def test_describe_tools_is_deterministic_and_selectable() -> None:
             'def weather(city: str) -> dict[str, float]:\n    """Current weather for a city."""\n'
         )
         assert codemode.describe_tools() == codemode.describe_tools()
+    finally:
+        codemode.close()
+
+
+def test_readme_shows_the_stubs_of_the_example_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Using Codemode from an agent" block is what describe_tools gives today."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "examples"))
+    shop_tools = importlib.import_module("shop_tools")
+    codemode = Codemode.from_client_config(
+        ClientConfig(executor_url="http://127.0.0.1:1", executor_api_key="k")
+    )
+    try:
+        shop_tools.register(codemode.registry)
+        readme = (REPO_ROOT / "README.md").read_text()
+        section = readme[readme.index("## Using Codemode from an agent") :]
+        assert "```python\n" + codemode.describe_tools() + "```" in section
     finally:
         codemode.close()
