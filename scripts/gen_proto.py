@@ -38,11 +38,16 @@ def generate(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    grpc_module = out_dir / "codemode_pb2_grpc.py"
-    # protoc emits an absolute import that only works with the wire dir on sys.path.
-    text = grpc_module.read_text()
-    text = re.sub(r"^import codemode_pb2 as", "from . import codemode_pb2 as", text, flags=re.M)
-    grpc_module.write_text(text)
+    # protoc emits absolute imports that only work with the wire dir on sys.path.
+    for name in ("codemode_pb2_grpc.py", "codemode_pb2_grpc.pyi"):
+        module = out_dir / name
+        text = re.sub(
+            r"^import codemode_pb2( as|$)",
+            r"from . import codemode_pb2\1",
+            module.read_text(),
+            flags=re.M,
+        )
+        module.write_text(text)
     for name in OUTPUTS:
         path = out_dir / name
         path.write_text(_strip_version_noise(path.read_text()))

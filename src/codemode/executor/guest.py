@@ -262,7 +262,7 @@ class Tool:
         return await self._relay.call_async(self._name, args, kwargs)
 
     def run_with_context(self, context: object = None, /, *args: Any, **kwargs: Any) -> Any:
-        """Call a context-aware tool; the application supplies the context, ``context`` is unused."""
+        """Call a context-aware tool; the application supplies the context (``context`` unused)."""
         del context
         return self._relay.call(self._name, args, kwargs)
 

@@ -12,7 +12,7 @@ so that integers stay integers.
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
-import codemode_pb2 as _codemode_pb2
+from . import codemode_pb2 as _codemode_pb2
 import grpc as _grpc
 import sys
 import typing as _typing
