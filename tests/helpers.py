@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,53 @@ def descendants(root: int) -> list[ProcRef]:
 
 
 def guests(root: int) -> list[ProcRef]:
-    """Processes below ``root`` running the guest runtime (``guest.py``)."""
+    """Processes below ``root`` running the guest runtime (``guest.py``), idle ones included."""
     return [p for p in descendants(root) if "guest.py" in p.cmdline]
+
+
+#: Programs that must be seen running start a child process whose command line holds a marker:
+#: with a pool of idle sandboxes, "a guest exists" does not mean "this program runs".
+MARKER = f"codemode-test-marker-{uuid.uuid4().hex[:12]}"
+
+
+def marked_program(tag: str, then: str = "time.sleep(30)") -> str:
+    """A program that starts a marked child process (``MARKER:tag``), then runs ``then``."""
+    return (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', "
+        f"{MARKER + ':' + tag!r}])\n"
+        f"{then}\n"
+    )
+
+
+def marked_tree(root: int, tag: str) -> list[ProcRef]:
+    """The marked child of ``tag``'s program and its ancestors below ``root``, or []."""
+    label = f"{MARKER}:{tag}"
+    table: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None and stat[0] != "Z":
+                table[int(entry.name)] = (stat[1], stat[2])
+    for pid in table:
+        if _cmdline(pid).endswith(label):
+            tree = []
+            while pid in table and pid != root:
+                tree.append(ProcRef(pid, table[pid][1], _cmdline(pid)))
+                pid = table[pid][0]
+            return tree if pid == root else []
+    return []
+
+
+def marked_anywhere() -> list[ProcRef]:
+    """Marked processes of this test session still alive anywhere on the host."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and MARKER in _cmdline(int(entry.name)):
+            stat = _stat(int(entry.name))
+            if stat is not None and stat[0] != "Z":
+                found.append(ProcRef(int(entry.name), stat[2], _cmdline(int(entry.name))))
+    return found
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
@@ -154,10 +200,16 @@ class ServerProcess:
         return [r for r in self.log_records() if r.get("correlation_id") == correlation_id]
 
     def guests(self) -> list[ProcRef]:
-        """Guest processes this server is running now."""
+        """Guest processes of this server now (with a sandbox pool, idle ones too)."""
         found = guests(self.pid)
         self.seen.update(descendants(self.pid))
         return found
+
+    def marked_tree(self, tag: str) -> list[ProcRef]:
+        """The processes running ``marked_program(tag)`` on this server, or []."""
+        tree = marked_tree(self.pid, tag)
+        self.seen.update(tree)
+        return tree
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout`` s; return the exit code."""

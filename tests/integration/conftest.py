@@ -9,6 +9,7 @@ end (SIGTERM, then SIGKILL), and the session fails if any process it started is 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from codemode.config import ClientConfig
 from tests.helpers import ServerProcess, ServerStartError, start_server, wait_gone
 
 SEED_HOST, SEED_PORT, SEED_KEY = "127.0.0.1", 8001, "your-api-key"
+#: How long to wait for port 8001 when another test session holds it, seconds.
+SEED_PORT_WAIT_S = 90.0
 
 
 class Servers:
@@ -29,13 +32,19 @@ class Servers:
         self.log_dir = log_dir
         self.running: list[ServerProcess] = []
 
-    def start(self, **kwargs: Any) -> ServerProcess:
-        try:
-            server = start_server(log_dir=self.log_dir, **kwargs)
-        except ServerStartError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        self.running.append(server)
-        return server
+    def start(self, *, wait_for_port: float = 0.0, **kwargs: Any) -> ServerProcess:
+        """Start a server; retry for up to ``wait_for_port`` s while its fixed port is taken."""
+        deadline = time.monotonic() + wait_for_port
+        while True:
+            try:
+                server = start_server(log_dir=self.log_dir, **kwargs)
+            except ServerStartError as exc:
+                if "Address already in use" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                pytest.fail(str(exc), pytrace=False)
+            self.running.append(server)
+            return server
 
     def stop(self, server: ServerProcess, timeout: float = 15.0) -> int:
         code = server.stop(timeout)
@@ -68,8 +77,13 @@ def server(servers: Servers) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def seed_server(servers: Servers) -> ServerProcess:
-    """An executor where the seed document expects one: localhost:8001, key "your-api-key"."""
-    return servers.start(api_key=SEED_KEY, host=SEED_HOST, port=SEED_PORT)
+    """An executor where the seed document expects one: localhost:8001, key "your-api-key".
+
+    The port is fixed by the document, so a concurrent test session may hold it: wait for it.
+    """
+    return servers.start(
+        api_key=SEED_KEY, host=SEED_HOST, port=SEED_PORT, wait_for_port=SEED_PORT_WAIT_S
+    )
 
 
 @pytest.fixture

@@ -38,11 +38,11 @@ from codemode.wire import codemode_pb2_grpc as pb_grpc
 from tests.helpers import (
     ProcRef,
     ServerProcess,
-    descendants,
+    marked_anywhere,
+    marked_program,
     run_program_in_client_process,
     server_env,
     wait_gone,
-    wait_until,
 )
 from tests.integration.conftest import Servers
 
@@ -81,15 +81,15 @@ async def wait_for_log(
     pytest.fail(f"the server never logged {message!r} for {correlation_id}")
 
 
-async def wait_for_guests(server: ServerProcess, timeout: float = 10.0) -> list[Any]:
-    """Wait (without blocking the loop) until ``server`` runs a guest; return the guests."""
+async def wait_for_program(server: ServerProcess, tag: str, timeout: float = 10.0) -> list[ProcRef]:
+    """Wait until ``marked_program(tag)`` runs on ``server``; return its processes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = server.guests()
+        found = server.marked_tree(tag)
         if found:
             return found
         await asyncio.sleep(0.02)
-    pytest.fail("no guest process appeared")
+    pytest.fail(f"the program {tag!r} was not seen running within {timeout:g}s")
 
 
 async def assert_serving(server: ServerProcess, program: str = "result = 6 * 7") -> None:
@@ -310,11 +310,6 @@ async def test_non_serialisable_result_names_its_type(make_config: ConfigFactory
 
 async def test_execution_timeout(make_config: ConfigFactory, server: ServerProcess) -> None:
     """An overlong program ends as "Timeout" (ExecutorTimeoutError from Codemode), tree and all."""
-    program = (
-        "import subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "time.sleep(30)\n"
-    )
     async with Codemode.from_client_config(make_config()) as codemode:
         started = time.perf_counter()
         with pytest.raises(ExecutorTimeoutError) as info:
@@ -324,19 +319,14 @@ async def test_execution_timeout(make_config: ConfigFactory, server: ServerProce
         assert info.value.result.error_type == "Timeout"
 
     async with ExecutorClient(config=make_config()) as client:
-        task = asyncio.create_task(client.execute_async(program, execution_timeout=1.5))
-        tree = await asyncio.to_thread(wait_until, lambda: program_tree(server), 10)
-        assert tree, "the program's child process never started"
+        task = asyncio.create_task(
+            client.execute_async(marked_program("timeout"), execution_timeout=1.5)
+        )
+        tree = await wait_for_program(server, "timeout")
         result = await task
     assert not result.success
     assert result.error_type == "Timeout"
     assert await asyncio.to_thread(wait_gone, tree) == []
-
-
-def program_tree(server: ServerProcess) -> list[ProcRef]:
-    """The server's descendants once the program's own child process has started, else []."""
-    found = descendants(server.pid)
-    return found if any("time.sleep(60)" in p.cmdline for p in found) else []
 
 
 async def test_output_limit(make_config: ConfigFactory, server: ServerProcess) -> None:
@@ -374,13 +364,11 @@ async def test_result_size_limit(make_config: ConfigFactory) -> None:
 
 async def test_client_disconnect_kills_the_guest(server: ServerProcess) -> None:
     """Killing a client mid-execution kills its guest, and the server goes on serving."""
-    client = run_program_in_client_process(
-        server.url, server.api_key, "import time; time.sleep(30)"
-    )
+    client = run_program_in_client_process(server.url, server.api_key, marked_program("disconnect"))
     try:
         assert client.stdout is not None
         assert await asyncio.to_thread(client.stdout.readline) == "started\n"
-        running = await wait_for_guests(server)
+        running = await wait_for_program(server, "disconnect")
     finally:
         client.kill()
         client.wait(5)
@@ -434,9 +422,9 @@ async def test_stream_without_any_frame_is_refused(server: ServerProcess, raw_st
 async def test_tool_result_with_unknown_call_id(server: ServerProcess, raw_stub: Any) -> None:
     """A tool_result for a call never made is INVALID_ARGUMENT, and the running guest is killed."""
     call = raw_stub.Execute(metadata=auth(server), timeout=10)
-    start = pb.StartExecution(code="import time; time.sleep(30)", timeout_seconds=30)
+    start = pb.StartExecution(code=marked_program("unknown-call-id"), timeout_seconds=30)
     await call.write(pb.ClientFrame(start=start))
-    running = await wait_for_guests(server)
+    running = await wait_for_program(server, "unknown-call-id")
     await call.write(pb.ClientFrame(tool_result=pb.ToolResult(call_id="999", ok=True)))
     assert await read_status(call) == grpc.StatusCode.INVALID_ARGUMENT
     assert await asyncio.to_thread(wait_gone, running) == []
@@ -507,9 +495,11 @@ async def test_admission_refusal_is_retried_then_raised(narrow_server: ServerPro
         ) as second,
     ):
         busy = asyncio.create_task(
-            first.execute_async("import time; time.sleep(1.5); result = 'first'")
+            first.execute_async(
+                "import time; time.sleep(1.5); result = 'first'", correlation_id="busy-1"
+            )
         )
-        await wait_for_guests(narrow_server)
+        await wait_for_log(narrow_server, "busy-1", "execution started")
         with pytest.raises(ExecutorOverloadedError) as info:
             await second.execute_async("result = 'second'", correlation_id="overloaded-1")
         assert info.value.status == "RESOURCE_EXHAUSTED"
@@ -525,9 +515,11 @@ async def test_admission_refusal_succeeds_on_retry(narrow_server: ServerProcess)
         narrow_client(narrow_server, patient) as second,
     ):
         busy = asyncio.create_task(
-            first.execute_async("import time; time.sleep(0.8); result = 'first'")
+            first.execute_async(
+                "import time; time.sleep(0.8); result = 'first'", correlation_id="busy-2"
+            )
         )
-        await wait_for_guests(narrow_server)
+        await wait_for_log(narrow_server, "busy-2", "execution started")
         result = await second.execute_async("result = 'second'", correlation_id="overloaded-2")
         assert (await busy).value == "first"
     assert result.value == "second"
@@ -583,13 +575,17 @@ async def test_graceful_shutdown_lets_running_execution_finish(servers: Servers)
     """SIGTERM during an execution lets it complete; the server then exits cleanly."""
     own = servers.start(api_key="shutdown-key-0123456789")
     config = ClientConfig(executor_url=own.url, executor_api_key=own.api_key, max_retries=0)
-    async with Codemode.from_client_config(config) as codemode:
+    async with ExecutorClient(config=config) as client:
         task = asyncio.create_task(
-            codemode.execute_async("import time; time.sleep(1); result = 'finished'")
+            client.execute_async(
+                "import time; time.sleep(1); result = 'finished'", correlation_id="graceful"
+            )
         )
-        await wait_for_guests(own)
+        await wait_for_log(own, "graceful", "execution started")
         own.proc.send_signal(signal.SIGTERM)
-        assert await task == '"finished"'
+        result = await task
+    assert result.success, result.error
+    assert result.value == "finished"
     assert await asyncio.to_thread(own.proc.wait, 10) == 0
     assert servers.stop(own) == 0
 
@@ -628,9 +624,7 @@ def test_serve_refuses_to_start_without_a_key(tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_guests(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test, the session server runs no guest (checked only where it was used)."""
+def _no_leftover_programs() -> Iterator[None]:
+    """After each test, no process of a marked program is left anywhere on the host."""
     yield
-    if "server" in request.fixturenames:
-        server: ServerProcess = request.getfixturevalue("server")
-        assert wait_gone(server.guests()) == []
+    assert wait_gone(marked_anywhere()) == []

@@ -36,7 +36,7 @@ from codemode.core.executor_client import (
     ExecutorTimeoutError,
 )
 from codemode.core.registry import _is_tool_async
-from tests.helpers import REPO_ROOT, ServerProcess, wait_gone
+from tests.helpers import REPO_ROOT, ServerProcess, marked_program, wait_gone
 
 DOC = REPO_ROOT / "docs" / "async-patterns.md"
 SEED = REPO_ROOT.parent / "shared" / "seeds" / "async-patterns.md"
@@ -124,15 +124,15 @@ async def max_tick_gap(work: Awaitable[Any]) -> tuple[Any, float]:
     return value, max(gaps, default=0.0)
 
 
-async def wait_for_guest(server: ServerProcess, timeout: float = 10.0) -> list[Any]:
-    """Poll (without blocking the loop) until ``server`` runs a guest; return the guests."""
+async def wait_for_program(server: ServerProcess, tag: str, timeout: float = 10.0) -> list[Any]:
+    """Wait until ``marked_program(tag)`` runs on ``server``; return its processes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = server.guests()
+        found = server.marked_tree(tag)
         if found:
             return found
         await asyncio.sleep(0.02)
-    pytest.fail(f"no guest process appeared under the executor within {timeout:g}s")
+    pytest.fail(f"the program {tag!r} was not seen running within {timeout:g}s")
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,6 +339,21 @@ async def test_sync_execute_inside_a_running_loop() -> None:
         assert await codemode.execute_async("result = 3 + 3") == "6"
 
 
+async def test_sync_execute_inside_a_loop_leaves_the_loops_clean(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Repeated execute() calls inside a running loop make asyncio log no error."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    async with Codemode.from_client_config(seed_config()) as codemode:
+        assert await codemode.execute_async("result = 0") == "0"
+        for _ in range(25):
+            assert codemode.execute("result = 3") == "3"
+            assert await codemode.execute_async("result = 4") == "4"
+        await asyncio.sleep(0.2)
+    errors = [r.getMessage().splitlines()[0] for r in caplog.records if r.name == "asyncio"]
+    assert errors == []
+
+
 # ------------------------------------------------------------------------------------------
 # Async tool callbacks
 
@@ -488,9 +503,9 @@ async def test_cancellable_execution(
     caplog.set_level(logging.INFO, logger="seed.cancel")
     async with Codemode.from_client_config(seed_config()) as codemode:
         task = asyncio.create_task(
-            namespace["cancellable_execution"](codemode, "import time; time.sleep(30)")
+            namespace["cancellable_execution"](codemode, marked_program("cancel"))
         )
-        running = await wait_for_guest(seed_server)
+        running = await wait_for_program(seed_server, "cancel")
         started = time.perf_counter()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

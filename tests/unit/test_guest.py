@@ -1,0 +1,308 @@
+"""The guest runtime (src/codemode/executor/guest.py) driven as the service drives it.
+
+Each test starts ``guest.py`` in a subprocess with one end of a socketpair, speaks the framed
+protocol on the other end (``>II`` lengths, a JSON header, a payload), answers tool calls, and
+reads the outcome; stdout and stderr are plain pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from codemode.executor.sandbox import guest_argv
+
+HEADER = struct.Struct(">II")
+
+
+def frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    head = json.dumps(header).encode()
+    return HEADER.pack(len(head), len(payload)) + head + payload
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("guest closed the channel")
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    head_len, payload_len = HEADER.unpack(read_exactly(sock, HEADER.size))
+    return json.loads(read_exactly(sock, head_len)), read_exactly(sock, payload_len)
+
+
+@dataclass
+class Run:
+    """What one guest run produced."""
+
+    done: dict[str, Any]
+    payload: bytes
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+    returncode: int | None = None
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.payload) if self.payload else None
+
+
+def run_guest(
+    code: str,
+    *,
+    tools: tuple[str, ...] = (),
+    answer: Callable[[list[dict[str, Any]]], list[tuple[dict[str, Any], bytes]]] | None = None,
+    batch: int = 1,
+    context: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> Run:
+    """Run ``code`` in a fresh guest; tool calls are answered ``batch`` at a time by ``answer``."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        guest_argv(child.fileno()),
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        start_new_session=True,
+    )
+    child.close()
+    parent.settimeout(20)
+    try:
+        start = {
+            "t": "start",
+            "tools": list(tools),
+            "config": config or {},
+            "context": context or {},
+            "limits": limits or {"max_result_bytes": 1 << 20},
+        }
+        parent.sendall(frame(start, code.encode()))
+        calls: list[dict[str, Any]] = []
+        waiting: list[dict[str, Any]] = []
+        while True:
+            header, payload = read_frame(parent)
+            if header["t"] == "done":
+                break
+            assert header["t"] == "call", header
+            call = {**header, "arguments": json.loads(payload)}
+            calls.append(call)
+            waiting.append(call)
+            if len(waiting) == batch:
+                assert answer is not None, f"unexpected tool call {call}"
+                for reply, value in answer(waiting):
+                    parent.sendall(frame(reply, value))
+                waiting = []
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        parent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return Run(header, payload, calls, stdout.decode(), stderr.decode(), proc.returncode)
+
+
+@pytest.mark.parametrize(
+    ("code", "payload"),
+    [
+        ("result = 2 + 2", b"4"),
+        (
+            "result = {'a': [1, 2.5, None, True], 'b': 'é'}",
+            '{"a":[1,2.5,null,true],"b":"é"}'.encode(),
+        ),
+        ("x = 1", b""),
+        ("result = None", b"null"),
+    ],
+    ids=["int", "nested", "no-result", "none"],
+)
+def test_result_encoding(code: str, payload: bytes) -> None:
+    """`result` comes back as compact JSON (an int stays an int); no result is an empty payload."""
+    run = run_guest(code)
+    assert run.done == {"t": "done", "ok": True}
+    assert run.payload == payload
+
+
+@pytest.mark.parametrize(
+    ("code", "error_type", "words"),
+    [
+        ("result = {1, 2}", "ResultNotSerializable", "set"),
+        ("result = float('nan')", "ResultNotSerializable", "float"),
+        ("result = 'x' * 5000", "ResultTooLarge", "limit is 1024"),
+    ],
+    ids=["set", "nan", "too-large"],
+)
+def test_result_that_cannot_be_sent(code: str, error_type: str, words: str) -> None:
+    """A result that is not JSON, or too large, is a failed outcome naming why."""
+    run = run_guest(code, limits={"max_result_bytes": 1024})
+    assert run.done["ok"] is False
+    assert run.done["type"] == error_type
+    assert words in run.done["message"]
+
+
+def test_top_level_await() -> None:
+    """A program may await at top level."""
+    run = run_guest("import asyncio\nawait asyncio.sleep(0.01)\nresult = 'awaited'")
+    assert run.done["ok"], run.done
+    assert run.value == "awaited"
+
+
+def test_traceback_has_only_user_lines() -> None:
+    """A failing program's traceback shows the user's lines and none of the runtime's."""
+    run = run_guest("x = 1\ndef f():\n    raise ValueError('boom')\nf()\n")
+    done = run.done
+    assert (done["ok"], done["type"], done["message"]) == (False, "ValueError", "boom")
+    assert done["traceback"].splitlines() == [
+        "Traceback (most recent call last):",
+        '  File "<codemode>", line 4, in <module>',
+        "    f()",
+        '  File "<codemode>", line 3, in f',
+        "    raise ValueError('boom')",
+        "ValueError: boom",
+    ]
+
+
+def test_syntax_error_reports_the_line() -> None:
+    """A syntax error is reported with its type, message and the user's line number."""
+    run = run_guest("a = 1\nb = (\n")
+    assert run.done["type"] == "SyntaxError"
+    assert run.done["line"] == 2
+    assert 'File "<codemode>", line 2' in run.done["traceback"]
+    assert "guest.py" not in run.done["traceback"]
+
+
+def reply_ok(value: Any) -> Callable[[list[dict[str, Any]]], list[tuple[dict[str, Any], bytes]]]:
+    def answer(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
+        return [
+            ({"t": "reply", "id": c["id"], "ok": True}, json.dumps(value).encode()) for c in calls
+        ]
+
+    return answer
+
+
+def test_tool_call_round_trip() -> None:
+    """`tools.name(...)` sends a call frame with its arguments and returns the decoded reply."""
+    run = run_guest(
+        "result = tools.weather('Paris', units='metric')", tools=("weather",), answer=reply_ok(21)
+    )
+    assert run.value == 21
+    assert len(run.calls) == 1
+    assert run.calls[0]["tool"] == "weather"
+    assert run.calls[0]["arguments"] == {"args": ["Paris"], "kwargs": {"units": "metric"}}
+
+
+def test_parallel_async_tool_calls_get_their_own_answers() -> None:
+    """Calls gathered with run_async are in flight together and each gets its own answer."""
+
+    def answer_in_reverse(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
+        replies = [
+            (
+                {"t": "reply", "id": c["id"], "ok": True},
+                json.dumps(c["arguments"]["args"][0] * 10).encode(),
+            )
+            for c in calls
+        ]
+        return replies[::-1]
+
+    run = run_guest(
+        "import asyncio\n"
+        "result = await asyncio.gather(tools['f'].run_async(1), tools['f'].run_async(2))",
+        tools=("f",),
+        answer=answer_in_reverse,
+        batch=2,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == [10, 20]
+
+
+def test_tool_error_is_raised_as_the_builtin_type() -> None:
+    """A tool's ValueError reply is raised as ValueError in the program, with its message."""
+
+    def fail(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
+        head = {"t": "reply", "id": calls[0]["id"], "ok": False, "type": "ValueError"}
+        return [({**head, "message": "bad city"}, b"")]
+
+    run = run_guest(
+        "try:\n    tools.weather('Atlantis')\nexcept ValueError as e:\n    result = str(e)",
+        tools=("weather",),
+        answer=fail,
+    )
+    assert run.value == "bad city"
+
+
+def test_unknown_tool_lists_available_tools() -> None:
+    """An undeclared tool raises AttributeError listing the declared ones, and sends no call."""
+    run = run_guest(
+        "try:\n    tools.nope()\nexcept AttributeError as e:\n    result = str(e)",
+        tools=("b", "a"),
+    )
+    assert run.calls == []
+    assert run.value == "tool 'nope' is not available to this program; available tools: a, b"
+
+
+def test_output_goes_to_the_pipes_not_the_channel() -> None:
+    """print() reaches stdout; text that looks like a frame cannot forge the result."""
+    forged = frame({"t": "done", "ok": True}, b'"forged"').decode("latin-1")
+    run = run_guest(f"import sys\nprint({forged!r})\nprint('err', file=sys.stderr)\nresult = 1")
+    assert run.value == 1
+    assert "forged" in run.stdout
+    assert run.stderr == "err\n"
+
+
+def test_context_and_config_are_read_only() -> None:
+    """The program reads `context` and `config` but cannot change them."""
+    run = run_guest(
+        "out = [context['user'], config['depth'], list(config['tags'])]\n"
+        "try:\n    context['user'] = 'mallory'\nexcept TypeError:\n    out.append('read-only')\n"
+        "result = out",
+        context={"user": "alice"},
+        config={"depth": 2, "tags": ["a", "b"]},
+    )
+    assert run.value == ["alice", 2, ["a", "b"], "read-only"]
+
+
+@pytest.mark.parametrize(
+    ("code", "ok"),
+    [("import sys; result = 1; sys.exit(0)", True), ("import sys; sys.exit(3)", False)],
+)
+def test_sys_exit(code: str, ok: bool) -> None:
+    """sys.exit(0) ends the program normally; a non-zero code is a failed outcome."""
+    run = run_guest(code)
+    assert run.done["ok"] is ok
+    if not ok:
+        assert run.done["type"] == "SystemExit"
+
+
+def test_limits_are_applied_before_the_program_runs() -> None:
+    """rlimits from the start frame are in force when the program starts."""
+    run = run_guest(
+        "import resource\nresult = resource.getrlimit(resource.RLIMIT_NOFILE)",
+        limits={"max_open_files": 40, "max_result_bytes": 4096},
+    )
+    assert run.value == [40, 40]
+
+
+def test_guest_exits_when_the_service_goes_away() -> None:
+    """A guest whose channel closes before the start frame exits with status 70."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        guest_argv(child.fileno()),
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    child.close()
+    parent.close()
+    assert proc.wait(timeout=20) == 70
