@@ -60,7 +60,7 @@ _RLIMITS = {
 _REMOTE_BUILTIN_ERRORS: dict[str, type[Exception]] = {
     name: obj
     for name, obj in vars(builtins).items()
-    if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, OSError)
+    if isinstance(obj, type) and issubclass(obj, Exception)
 }
 
 
@@ -231,9 +231,13 @@ def _outcome(tool: str, header: Mapping[str, Any], payload: bytes) -> Any:
     error_type = str(header.get("type") or "")
     message = str(header.get("message") or "")
     builtin = _REMOTE_BUILTIN_ERRORS.get(error_type)
-    if builtin is not None:
-        raise builtin(message)
-    raise ToolError(tool, error_type, message)
+    try:
+        error: Exception = (
+            builtin(message) if builtin is not None else ToolError(tool, error_type, message)
+        )
+    except TypeError:  # a builtin whose constructor wants more than a message
+        error = ToolError(tool, error_type, message)
+    raise error
 
 
 def _unknown_tool_message(name: str, available: frozenset[str]) -> str:
