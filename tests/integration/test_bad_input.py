@@ -330,19 +330,24 @@ async def test_execution_timeout(make_config: ConfigFactory, server: ServerProce
 
 
 async def test_output_limit(make_config: ConfigFactory, server: ServerProcess) -> None:
-    """Printing past max_output_bytes ends the program with OutputLimit and truncated output."""
+    """Printing past max_output_bytes always ends the program with OutputLimit, output truncated."""
+    # Repeated: a program that finishes right after writing races the output readers.
     async with ExecutorClient(config=make_config()) as client:
-        result = await client.execute_async(
-            "for _ in range(100):\n    print('x' * 1000)\nresult = 1",
-            limits={"max_output_bytes": 4096},
-        )
+        results = [
+            await client.execute_async(
+                "for _ in range(100):\n    print('x' * 1000)\nresult = 1",
+                limits={"max_output_bytes": 4096},
+            )
+            for _ in range(10)
+        ]
         small = await client.execute_async(
             "print('hello')\nresult = 1", limits={"max_output_bytes": 4096}
         )
-    assert not result.success
-    assert result.error_type == "OutputLimit"
-    assert result.output_truncated
-    assert len(result.stdout.encode()) <= 4096
+    assert [r.error_type for r in results] == ["OutputLimit"] * 10
+    for result in results:
+        assert not result.success
+        assert result.output_truncated
+        assert len(result.stdout.encode()) <= 4096
     assert small.success
     assert small.stdout == "hello\n"
     await assert_serving(server)
