@@ -583,14 +583,28 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from sync code.
 
-    With no loop running in this thread, ``asyncio.run``; inside a running loop, in a worker
-    thread with its own loop (the caller's loop is blocked meanwhile: prefer the async API there).
+    With no loop running in this thread, ``asyncio.run``; inside a running loop, on a worker
+    thread's loop (the caller's loop is blocked meanwhile: prefer the async API there). The
+    worker loop lives as long as the process, so the connection it opens is reused and grpc
+    never sees its loop closed under it.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    import concurrent.futures
+    return asyncio.run_coroutine_threadsafe(coro, _worker_loop()).result()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+
+_worker: asyncio.AbstractEventLoop | None = None
+_worker_lock = threading.Lock()
+
+
+def _worker_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide loop, on a daemon thread, that sync calls from inside a loop run on."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="codemode-sync", daemon=True).start()
+            _worker = loop
+        return _worker

@@ -282,6 +282,9 @@ async def run_execution(
             task.cancel()
         guest.kill()
         await _drain(tasks)
+        if limit_hit.done() and isinstance(outcome_or_error, _Outcome):
+            # The outcome can overtake the output that broke the limit; the limit still wins.
+            outcome_or_error = limit_hit.result()
         if isinstance(outcome_or_error, asyncio.IncompleteReadError | ConnectionError):
             outcome_or_error = describe_exit(await guest.wait(), limits)
         return _to_result(
