@@ -532,6 +532,52 @@ async def test_rate_limited_execution() -> None:
     assert 1.0 <= elapsed < 1.9
 
 
-def test_crewai_integration() -> None:
-    """The CrewAI snippet runs once the CrewAI adapter exists."""
-    pytest.skip("CrewAI adapter: tracked by issue 'Agents: CrewAI and LangChain adapters'")
+def test_crewai_integration(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CrewAI snippet runs with a scripted LLM; only its ``...`` placeholders are filled in.
+
+    ``codemode.yaml`` names the seed executor; the Agent gets a goal, a backstory and the
+    scripted LLM where the document writes ``...``, and ``tasks=[...]`` becomes one real Task.
+    Both kickoffs must run the program through the tool and return its result.
+    """
+    from crewai import Task
+
+    from tests.integration.test_agents_crewai import EXPECTED, ScriptedLLM, fx_rate, get_order
+
+    (tmp_path / "codemode.yaml").write_text(
+        f"executor_url: {SEED_URL}\nexecutor_api_key: {SEED_KEY}\n", encoding="utf-8"
+    )
+    monkeypatch.chdir(tmp_path)
+    code = SNIPPETS["CrewAI Integration"]
+    filled = code.replace(
+        "    tools=[tool],  # Async tool works seamlessly\n    ...\n",
+        "    tools=[tool],  # Async tool works seamlessly\n"
+        "    goal='Answer order questions', backstory='Writes Python.', llm=LLM,\n",
+    ).replace("tasks=[...]", "tasks=[make_task(orchestrator)]")
+    assert filled.count("LLM") == 1, "the snippet's Agent(...) changed"
+    assert filled.count("make_task") == 2, "the snippet's Crew(...) calls changed"
+    filled = filled.replace(
+        "tool = codemode.as_crewai_tool()",
+        "codemode.registry.register_tool('get_order', get_order)\n"
+        "codemode.registry.register_tool('fx_rate', fx_rate)\n"
+        "codemode.with_context(customer='c-seed')\n"
+        "tool = codemode.as_crewai_tool()",
+    )
+
+    def make_task(agent: Any) -> Task:
+        return Task(
+            description="What is order A1's total in EUR?",
+            expected_output="The order id and its EUR total",
+            agent=agent,
+        )
+
+    namespace: dict[str, Any] = {
+        "__name__": "seed_snippet",
+        "LLM": ScriptedLLM(model="scripted"),
+        "make_task": make_task,
+        "get_order": get_order,
+        "fx_rate": fx_rate,
+    }
+    exec(compile(filled, "<async-patterns.md: CrewAI Integration>", "exec"), namespace)  # noqa: S102
+    assert namespace["result"].raw == EXPECTED
+    assert asyncio.run(namespace["run_crew"]()).raw == EXPECTED
+    namespace["codemode"].close()
