@@ -1,0 +1,732 @@
+"""The fork-server backend: one long-lived zygote forks every guest into fresh namespaces.
+
+Launch chain, once per backend (the service runs as root)::
+
+    bwrap (root)          new pid/net/ipc/uts/mount/cgroup namespaces; the read-only runtime
+                          file system of the bwrap backend (plus /codemode/zygote.py); keeps only
+                          CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_SETPCAP and CAP_KILL
+      python -I -S -B /codemode/zygote.py CONTROL SECCOMP CONFIG
+                          pid 1 of its pid namespace; imports the guest runtime (and asyncio)
+                          once, then forks on request
+
+Per guest, forked ahead of need (:mod:`codemode.executor.zygote` has the details): pid 1 of a
+new pid namespace, own net/mount/ipc/uts namespaces, fresh size-bounded tmpfs ``/tmp`` and
+``/dev/shm``, fresh ``/proc`` and ``/dev/pts``, rlimit backstops, its own non-root host uid (one
+per live guest) with every capability set empty, ``no_new_privs`` and the seccomp filter of the
+bwrap backend; only its control socket open. It then sends one byte: the kernel attaches its
+host pid and uid (``SCM_CREDENTIALS``), the service checks the uid, opens a pidfd and moves the
+pid into the execution's cgroups, and the guest waits in the pool. ``spawn`` hands it the
+channel, stdout and stderr over ``SCM_RIGHTS``; nothing on the request path starts a process.
+
+The guest is pid 1 of its namespace, so :meth:`GuestProcess.kill` is one ``SIGKILL`` through
+its pidfd and takes every process of the execution along. The zygote reaps it and reports the
+wait status; by then the namespace is empty. The zygote is pid 1 of its own namespace: when it
+dies, the kernel kills every guest, and the backend starts a new zygote on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from codemode.executor import cgroups, seccomp
+from codemode.executor.bwrap import (
+    _SANDBOX_SHM,
+    _SANDBOX_TMP,
+    DEFAULT_UID_BASE,
+    DEFAULT_UID_COUNT,
+    LimitsLike,
+    RuntimeLayout,
+    SandboxUnavailable,
+    _read_child_pid,
+    as_sandbox_limits,
+    discover_runtime,
+)
+from codemode.executor.sandbox import (
+    GUEST_PATH,
+    GuestExit,
+    GuestFds,
+    GuestProcess,
+    SandboxBackend,
+)
+
+logger = logging.getLogger("codemode.executor")
+
+ZYGOTE_PATH = Path(__file__).with_name("zygote.py")
+ZYGOTE_MOUNT = "/codemode/zygote.py"
+GUEST_MOUNT = "/codemode/guest.py"
+#: Guests forked ahead of need.
+DEFAULT_POOL_SIZE = 4
+#: Capabilities the zygote keeps (it needs no others to make and enter a guest's sandbox).
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
+#: A zygote that dies sooner than this after starting, this many times in a row, is broken.
+_CRASH_WINDOW_S = 5.0
+_MAX_QUICK_CRASHES = 3
+_READY_TIMEOUT_S = 10.0
+_CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+class _Zygote:
+    """One running zygote: its bwrap process, control socket and the guests it forked."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.proc = proc
+        self.control = control
+        self.pid: int | None = None  # host pid of the zygote (bwrap's info fd)
+        self.pidfd: int | None = None
+        self.started = time.monotonic()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.children: dict[int, _ForkGuest] = {}
+        self.dead = False
+        self.stderr_tail = b""
+        self.gone: asyncio.Task[None] | None = None
+
+    def send(self, kind: bytes, body: dict[str, int], fds: list[int] | None = None) -> bool:
+        if self.dead:
+            return False
+        try:
+            if fds:
+                socket.send_fds(self.control, [kind + json.dumps(body).encode()], fds)
+            else:
+                self.control.send(kind + json.dumps(body).encode())
+        except OSError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        elif self.proc.returncode is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()  # bwrap; --die-with-parent takes the zygote along
+
+
+class ForkServerBackend(SandboxBackend):
+    """Guests forked ahead from one sandboxed zygote, each in fresh namespaces as its own uid."""
+
+    name = "forkserver"
+    isolated = True
+
+    def __init__(
+        self,
+        limits: LimitsLike | None = None,
+        *,
+        uid_base: int = DEFAULT_UID_BASE,
+        uid_count: int = DEFAULT_UID_COUNT,
+        bwrap: str | None = None,
+        require_seccomp: bool = True,
+        require_cgroups: bool = False,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> None:
+        if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
+            raise ValueError("uid_base/uid_count must name a range of non-root uids")
+        self.limits = as_sandbox_limits(limits)
+        self.uid_base = uid_base
+        self.uid_count = uid_count
+        self._bwrap = bwrap
+        self.require_seccomp = require_seccomp
+        self.require_cgroups = require_cgroups
+        self.pool_size = max(0, pool_size)
+        self.layout: RuntimeLayout | None = None
+        self.cgroup_support: cgroups.CgroupSupport | None = None
+        self._cgroups: cgroups.BackendCgroups | None = None
+        self._missing_controllers: list[str] = []
+        self._seccomp_bpf: bytes | None = None
+        self.seccomp_problem: str | None = None
+        self._bwrap_path = ""
+        self._uids_in_use: set[int] = set()
+        self._uid_cursor = 0
+        self._next_id = 0
+        self._zygote: _Zygote | None = None
+        self._zygote_lock = asyncio.Lock()
+        self._quick_crashes = 0
+        self.last_zygote_error = ""
+        self._pool: collections.deque[_ForkGuest] = collections.deque()
+        self._forking = 0
+        self._refill_task: asyncio.Task[None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._live: set[_ForkGuest] = set()
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+
+    # -- setup ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._closed:
+                raise RuntimeError("backend is closed")
+            await asyncio.to_thread(self._prepare)
+            await self._ensure_zygote()
+            self._started = True
+            self._schedule_refill()
+
+    def _prepare(self) -> None:
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                "the fork-server backend starts its zygote as root and drops each guest to a "
+                "uid of its own; run the service as root (or use another backend)"
+            )
+        bwrap = self._bwrap or shutil.which("bwrap")
+        if bwrap is None:
+            raise SandboxUnavailable("bwrap is missing (Debian package bubblewrap)")
+        self._bwrap_path = bwrap
+        self.layout = discover_runtime()
+        try:
+            self._seccomp_bpf = seccomp.build_filter_bpf()
+        except seccomp.SeccompUnavailable as exc:
+            self.seccomp_problem = str(exc)
+            if self.require_seccomp:
+                raise SandboxUnavailable(str(exc)) from None
+        support = cgroups.discover()
+        self.cgroup_support = support
+        self._missing_controllers = [c for c in cgroups.CONTROLLERS if not support.has(c)]
+        if self._missing_controllers and self.require_cgroups:
+            raise SandboxUnavailable(
+                "cgroup controllers unavailable: " + "; ".join(support.problems)
+            )
+        if support.sites:
+            cgroups.sweep_stale(support)
+            self._cgroups = cgroups.BackendCgroups(support)
+            self._cgroups.create()
+
+    def zygote_argv(self, control_fd: int, seccomp_fd: int, info_fd: int) -> list[str]:
+        """The bwrap command line that starts the zygote."""
+        layout = self.layout
+        assert layout is not None
+        argv = [
+            self._bwrap_path,
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "codemode",
+            "--die-with-parent",
+            "--new-session",
+            "--as-pid-1",
+            "--clearenv",
+            "--setenv",
+            "LANG",
+            "C.UTF-8",
+            "--cap-drop",
+            "ALL",
+        ]
+        for cap in ZYGOTE_CAPS:
+            argv += ["--cap-add", cap]
+        for directory in layout.dirs:
+            argv += ["--perms", "0755", "--dir", directory]
+        for path in layout.binds:
+            argv += ["--ro-bind", path, path]
+        for dest, target in layout.symlinks:
+            argv += ["--symlink", target, dest]
+        for mask in layout.masks:
+            argv += ["--perms", "0555", "--size", "4096", "--tmpfs", mask, "--remount-ro", mask]
+        argv += ["--ro-bind", str(GUEST_PATH.resolve()), GUEST_MOUNT]
+        argv += ["--ro-bind", str(ZYGOTE_PATH.resolve()), ZYGOTE_MOUNT]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        # Mount points only: every guest mounts its own tmpfs over them.
+        argv += ["--perms", "0755", "--dir", _SANDBOX_TMP, "--perms", "0755", "--dir", _SANDBOX_SHM]
+        argv += ["--remount-ro", "/", "--chdir", _SANDBOX_TMP, "--info-fd", str(info_fd), "--"]
+        config = {"tmpfs_bytes": self.limits.tmpfs_bytes or 64 << 20, "rlimits": self._rlimits()}
+        argv += [
+            layout.executable,
+            "-I",
+            "-S",
+            "-B",
+            ZYGOTE_MOUNT,
+            str(control_fd),
+            str(seccomp_fd),
+            json.dumps(config, separators=(",", ":")),
+        ]
+        return argv
+
+    def _rlimits(self) -> dict[str, int]:
+        """Backstops under each guest (it lowers them further from its start frame)."""
+        limits = self.limits
+        out: dict[str, int] = {}
+        if limits.cpu_seconds > 0:
+            out["RLIMIT_CPU"] = limits.cpu_seconds + 1
+        if limits.max_file_bytes > 0:
+            out["RLIMIT_FSIZE"] = limits.max_file_bytes
+        if limits.max_open_files > 0:
+            out["RLIMIT_NOFILE"] = limits.max_open_files
+        if limits.max_processes > 0:
+            out["RLIMIT_NPROC"] = limits.max_processes  # per uid: one uid per live guest
+        if limits.memory_bytes > 0 and "memory" in self._missing_controllers:
+            out["RLIMIT_AS"] = limits.memory_bytes  # no memory cgroup: a coarser bound
+        out["RLIMIT_CORE"] = 0
+        return {k: v for k, v in out.items() if v > 0}
+
+    # -- the zygote ----------------------------------------------------------------------
+
+    async def _ensure_zygote(self) -> _Zygote:
+        async with self._zygote_lock:
+            zygote = self._zygote
+            if zygote is not None and not zygote.dead:
+                return zygote
+            if self._closed:
+                raise RuntimeError("backend is closed")
+            if self._quick_crashes >= _MAX_QUICK_CRASHES:
+                raise SandboxUnavailable(
+                    f"the fork-server zygote died {self._quick_crashes} times right after "
+                    f"starting: {self.last_zygote_error or 'no message'}; run `codemode doctor`"
+                )
+            zygote = await self._launch_zygote()
+            self._zygote = zygote
+            return zygote
+
+    async def _launch_zygote(self) -> _Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        opened: list[int] = []
+        try:
+            seccomp_fd = -1
+            if self._seccomp_bpf is not None:
+                seccomp_fd, seccomp_w = os.pipe()
+                opened.append(seccomp_fd)
+                try:
+                    os.write(seccomp_w, self._seccomp_bpf)
+                finally:
+                    os.close(seccomp_w)
+            info_r, info_w = os.pipe()
+            opened += [info_r, info_w]
+            os.set_blocking(info_r, False)
+            passed = [theirs.fileno(), info_w] + ([seccomp_fd] if seccomp_fd >= 0 else [])
+            proc = await asyncio.create_subprocess_exec(
+                *self.zygote_argv(theirs.fileno(), seccomp_fd, info_w),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=passed,
+                env={"LANG": "C.UTF-8"},
+                cwd="/",
+            )
+        except BaseException:
+            for fd in opened:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        for fd in opened:
+            if fd != info_r:
+                os.close(fd)
+        ours.setblocking(False)
+        zygote = _Zygote(proc, ours)
+        try:
+            pid = await _read_child_pid(info_r, proc)
+        finally:
+            os.close(info_r)
+        if pid is not None:
+            zygote.pid = pid
+            with contextlib.suppress(OSError):
+                zygote.pidfd = os.pidfd_open(pid)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._on_zygote_message, zygote)
+        zygote.gone = asyncio.ensure_future(self._supervise_zygote(zygote))
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await asyncio.shield(zygote.ready)
+        except (TimeoutError, SandboxUnavailable) as exc:
+            zygote.kill()
+            with contextlib.suppress(Exception):
+                await zygote.gone
+            raise SandboxUnavailable(
+                f"the fork-server zygote did not start: {self.last_zygote_error or exc!r}"
+            ) from None
+        return zygote
+
+    def _on_zygote_message(self, zygote: _Zygote) -> None:
+        while True:
+            try:
+                data = zygote.control.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                asyncio.get_running_loop().remove_reader(zygote.control.fileno())
+                zygote.dead = True
+                return
+            try:
+                body = json.loads(data[1:])
+                kind, ident = data[:1], int(body["id"])
+            except (ValueError, KeyError, TypeError):
+                logger.warning("unexpected message from the zygote: %r", data[:200])
+                continue
+            if ident == 0:
+                if not zygote.ready.done():
+                    zygote.ready.set_result(None)
+                continue
+            guest = zygote.children.get(ident)
+            if guest is None:
+                continue
+            if kind == b"X":
+                zygote.children.pop(ident, None)
+                guest._zygote_reported(int(body["status"]))
+            elif kind == b"E":
+                zygote.children.pop(ident, None)
+                guest._fork_failed(str(body.get("error")))
+
+    async def _supervise_zygote(self, zygote: _Zygote) -> None:
+        """Wait for the zygote's end; then every guest it forked is gone too."""
+        assert zygote.proc.stderr is not None
+        with contextlib.suppress(Exception):
+            while chunk := await zygote.proc.stderr.read(4096):
+                zygote.stderr_tail = (zygote.stderr_tail + chunk)[-2000:]
+        await zygote.proc.wait()
+        zygote.dead = True
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(zygote.control.fileno())
+        zygote.control.close()
+        if zygote.pidfd is not None:
+            os.close(zygote.pidfd)
+            zygote.pidfd = None
+        # bwrap exits after the zygote is reaped, and a pid namespace's init is reaped only
+        # once every process of the namespace (nested ones included) is gone.
+        for guest in list(zygote.children.values()):
+            guest._zygote_reported(None)
+        zygote.children.clear()
+        message = zygote.stderr_tail.decode(errors="replace").strip()
+        if message:
+            self.last_zygote_error = message.splitlines()[-1]
+        if not zygote.ready.done():
+            zygote.ready.set_exception(SandboxUnavailable(message or "zygote exited"))
+            zygote.ready.exception()
+        if self._zygote is zygote:
+            if time.monotonic() - zygote.started < _CRASH_WINDOW_S:
+                self._quick_crashes += 1
+            else:
+                self._quick_crashes = 0
+            if not self._closed:
+                logger.warning(
+                    "the fork-server zygote exited (%s); a new one starts on the next request",
+                    self.last_zygote_error or f"status {zygote.proc.returncode}",
+                )
+        self._pool = collections.deque(g for g in self._pool if g._zygote is not zygote)
+
+    # -- uids ----------------------------------------------------------------------------
+
+    def _take_uid(self) -> int:
+        for _ in range(self.uid_count):
+            uid = self.uid_base + self._uid_cursor
+            self._uid_cursor = (self._uid_cursor + 1) % self.uid_count
+            if uid not in self._uids_in_use:
+                self._uids_in_use.add(uid)
+                return uid
+        raise SandboxUnavailable(f"all {self.uid_count} sandbox uids are in use")
+
+    # -- guests --------------------------------------------------------------------------
+
+    async def spawn(self, fds: GuestFds) -> GuestProcess:
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        if not self._started:
+            await self.start()
+        for _ in range(3):
+            guest = self._pool.popleft() if self._pool else None
+            self._schedule_refill()
+            if guest is None:
+                guest = await self._fork()
+                try:
+                    await guest._ready
+                except (SandboxUnavailable, OSError) as exc:
+                    logger.warning("a forked guest did not start: %s", exc)
+                    continue
+            if guest._hand_over(fds):
+                return guest
+            guest.kill()
+        raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
+
+    def _schedule_refill(self) -> None:
+        if self.pool_size <= 0 or self._closed:
+            return
+        if self._refill_task is None or self._refill_task.done():
+            self._refill_task = asyncio.ensure_future(self._refill())
+
+    async def _refill(self) -> None:
+        while not self._closed and len(self._pool) + self._forking < self.pool_size:
+            try:
+                guest = await self._fork()
+            except (OSError, SandboxUnavailable) as exc:
+                logger.warning("could not fork a guest ahead: %s", exc)
+                return
+            self._forking += 1
+            guest._ready.add_done_callback(self._on_pooled_ready(guest))
+
+    def _on_pooled_ready(self, guest: _ForkGuest) -> Callable[[asyncio.Future[None]], None]:
+        def done(future: asyncio.Future[None]) -> None:
+            self._forking -= 1
+            if future.cancelled() or future.exception() is not None:
+                return
+            if self._closed or guest._zygote.dead:
+                guest.kill()
+                return
+            self._pool.append(guest)
+
+        return done
+
+    async def _fork(self) -> _ForkGuest:
+        """Ask the zygote for one guest; it is ready when ``guest._ready`` is."""
+        zygote = await self._ensure_zygote()
+        uid = self._take_uid()
+        self._next_id += 1
+        ident = self._next_id
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # The kernel then attaches the sender's pid and uid to what the guest writes.
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.setblocking(False)
+            guest = _ForkGuest(self, zygote, ident, uid, ours)
+            zygote.children[ident] = guest
+            self._live.add(guest)
+            if not zygote.send(b"F", {"id": ident, "uid": uid}, [theirs.fileno()]):
+                zygote.children.pop(ident, None)
+                guest._fork_failed("the zygote is gone")
+                raise SandboxUnavailable("the fork-server zygote is gone")
+        finally:
+            theirs.close()
+        asyncio.get_running_loop().add_reader(ours.fileno(), guest._on_control)
+        return guest
+
+    async def _attach(self, guest: _ForkGuest, pid: int) -> None:
+        """Put a guest that reported ready into a cgroup of its own (off the event loop)."""
+        if self._cgroups is None:
+            return
+        cg = self._cgroups
+        limits = self.limits
+        group = await asyncio.to_thread(cg.new_execution, limits.memory_bytes, limits.max_processes)
+        guest._group = group
+        await asyncio.to_thread(_join, group, pid)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refill_task is not None:
+            with contextlib.suppress(Exception):
+                await self._refill_task
+        self._pool.clear()
+        for guest in list(self._live):
+            guest.kill()
+        zygote = self._zygote
+        if zygote is not None:
+            zygote.kill()
+            if zygote.gone is not None:
+                with contextlib.suppress(Exception):
+                    await zygote.gone
+        waits = [g._finished for g in list(self._live) if g._finished is not None]
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        if self._cgroups is not None:
+            for _ in range(500):
+                if self._cgroups.remove():
+                    break
+                await asyncio.sleep(0.002)
+            else:
+                logger.warning("could not remove the sandbox cgroups of this backend")
+            self._cgroups = None
+
+    def describe(self) -> dict[str, str]:
+        """What this backend enforces on this host, for logs and ``codemode doctor``."""
+        support = self.cgroup_support
+        controllers = sorted(support.sites) if support else []
+        return {
+            "backend": self.name,
+            "uids": f"{self.uid_base}..{self.uid_base + self.uid_count - 1}",
+            "seccomp": "on" if self._seccomp_bpf else f"OFF ({self.seccomp_problem})",
+            "cgroups": ", ".join(controllers) or "none (rlimits only)",
+            "cgroup_problems": "; ".join(support.problems) if support else "",
+        }
+
+
+def _join(group: cgroups.ExecutionCgroup, pid: int) -> None:
+    for procs in group.procs_files:
+        with open(procs, "w") as handle:
+            handle.write(str(pid))
+
+
+class _ForkGuest(GuestProcess):
+    """One guest forked by the zygote: pool entry, then one execution."""
+
+    def __init__(
+        self,
+        backend: ForkServerBackend,
+        zygote: _Zygote,
+        ident: int,
+        uid: int,
+        control: socket.socket,
+    ) -> None:
+        #: The host uid (and gid) the guest runs as; no other live guest has it.
+        self.uid = uid
+        self.ident = ident
+        self.pid: int | None = None  # host pid, once ready
+        self._backend = backend
+        self._zygote = zygote
+        self._control: socket.socket | None = control
+        self._pidfd: int | None = None
+        self._group: cgroups.ExecutionCgroup | None = None
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[None] = loop.create_future()
+        self._status: asyncio.Future[int | None] = loop.create_future()
+        self._exited: asyncio.Future[GuestExit] = loop.create_future()
+        self._kill_requested = False
+        self._handed_over = False
+        self._finished: asyncio.Task[None] | None = asyncio.ensure_future(self._supervise())
+
+    # -- start ---------------------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        """The guest's one byte after its set-up: learn its host pid from the kernel."""
+        control = self._control
+        if control is None:
+            return
+        try:
+            data, ancdata, _, _ = control.recvmsg(1, socket.CMSG_SPACE(_CRED.size))
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancdata = b"", []
+        asyncio.get_running_loop().remove_reader(control.fileno())
+        pid = uid = None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid, uid, _ = _CRED.unpack(payload[: _CRED.size])
+        if data != b"R" or pid is None or pid <= 0:
+            self._not_ready("the guest ended during its set-up")
+            return
+        if uid != self.uid:
+            self._not_ready(f"the guest runs as uid {uid}, not {self.uid}")
+            return
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            self._not_ready(f"pidfd_open: {exc}")
+            return
+        self.pid = pid
+        task = asyncio.ensure_future(self._attach(pid))
+        self._backend._cleanups.add(task)
+        task.add_done_callback(self._backend._cleanups.discard)
+
+    async def _attach(self, pid: int) -> None:
+        try:
+            await self._backend._attach(self, pid)
+        except OSError as exc:
+            self._not_ready(f"could not join the execution's cgroup: {exc}")
+            return
+        if self._kill_requested:
+            self._not_ready("killed before it was used")
+            return
+        if not self._ready.done():
+            self._ready.set_result(None)
+
+    def _not_ready(self, why: str) -> None:
+        self.kill()
+        if not self._ready.done():
+            self._ready.set_exception(SandboxUnavailable(why))
+            self._ready.exception()
+
+    def _fork_failed(self, why: str) -> None:
+        self._not_ready(f"the zygote could not fork: {why}")
+        if not self._status.done():
+            self._status.set_result(None)
+
+    def _zygote_reported(self, status: int | None) -> None:
+        """The zygote reaped the guest (or died, ``None``): nothing of it runs any more."""
+        if not self._status.done():
+            self._status.set_result(status)
+        if not self._ready.done():
+            self._not_ready("the guest exited during its set-up")
+
+    def _hand_over(self, fds: GuestFds) -> bool:
+        control = self._control
+        if control is None or self._kill_requested or self._status.done():
+            return False
+        try:
+            control.setblocking(True)
+            socket.send_fds(control, [b"F"], [fds.channel, fds.stdout, fds.stderr])
+        except OSError:
+            return False
+        finally:
+            self._close_control()
+        self._handed_over = True
+        return True
+
+    def _close_control(self) -> None:
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+
+    # -- end -----------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        backend = self._backend
+        try:
+            status = await self._status
+            outcome = self._outcome(status)
+            if not self._exited.done():
+                self._exited.set_result(outcome)
+            await self._remove_group()
+        finally:
+            self._close_control()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+            backend._uids_in_use.discard(self.uid)
+            backend._live.discard(self)
+            if not self._exited.done():
+                self._exited.set_result(GuestExit(None, signal=signal.SIGKILL))
+
+    def _outcome(self, status: int | None) -> GuestExit:
+        memory = self._group.memory_exceeded() if self._group is not None else False
+        pids = self._group.pids_exceeded() if self._group is not None else False
+        if status is None:
+            return GuestExit(
+                None, signal=signal.SIGKILL, memory_exceeded=memory, pids_exceeded=pids
+            )
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            return GuestExit(None, signal=-code, memory_exceeded=memory, pids_exceeded=pids)
+        return GuestExit(code, memory_exceeded=memory, pids_exceeded=pids)
+
+    async def _remove_group(self) -> None:
+        group = self._group
+        if group is None:
+            return
+        for _ in range(500):
+            if await asyncio.to_thread(group.try_remove):
+                return
+            await asyncio.sleep(0.002)
+        logger.warning("a sandbox cgroup could not be removed: %s", group.procs_files)
+
+    async def wait(self) -> GuestExit:
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        self._kill_requested = True
+        if self._status.done():
+            return
+        if self._pidfd is not None:
+            # pid 1 of its namespace: its death takes every process of the execution along.
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            return
+        self._zygote.send(b"K", {"id": self.ident})

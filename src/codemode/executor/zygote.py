@@ -1,0 +1,363 @@
+"""The fork server's zygote: forks guests, each into fresh namespaces, as its own uid.
+
+Standard library only: it runs inside the bubblewrap sandbox of the fork-server backend
+(``python -I -S -B /codemode/zygote.py``) with site-packages hidden. It is started once, as
+root in the initial user namespace with a few capabilities (``CAP_SYS_ADMIN`` for namespaces
+and mounts, ``CAP_SETUID``/``CAP_SETGID``, ``CAP_SETPCAP``, ``CAP_KILL``), in bwrap's read-only
+runtime file system with its own pid, net, ipc and uts namespaces. It has imported the guest
+runtime and what it needs, so a guest pays neither an interpreter start nor an import.
+
+For each ``fork`` request (one ``SOCK_SEQPACKET`` message from the service carrying the
+child's control socket), it forks a child that is pid 1 of a new pid namespace
+(``unshare(CLONE_NEWPID)``, ``fork``, ``setns`` back), and the child, before it runs anything
+of the program:
+
+1. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
+2. unshares net, mount, ipc and uts namespaces; makes every mount private; mounts a fresh
+   size-bounded tmpfs on ``/tmp`` and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
+3. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
+   changes to its own non-root uid/gid (which empties the other capability sets), clears the
+   inheritable set, sets ``no_new_privs``, re-arms ``PR_SET_PDEATHSIG`` and installs the
+   seccomp filter (BPF compiled by the service, passed in once at start-up);
+4. writes one byte on its control socket: the service reads the child's host pid and uid from
+   the kernel's ``SCM_CREDENTIALS``, puts it in its cgroups, and later sends it its channel,
+   stdout and stderr (:func:`guest.receive_fds`); the child then runs :func:`guest.serve_one`.
+
+The zygote reaps its children and reports each exit status to the service. It is pid 1 of its
+own pid namespace: if it dies, the kernel kills every process in that namespace, every guest
+included. Messages, each one datagram: service to zygote ``F{"id","uid"}`` + 1 fd, and
+``K{"id"}``; zygote to service ``S{"id","pid"}``, ``X{"id","status"}`` (a wait status) and
+``E{"id","error"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import importlib
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+from typing import Any
+
+# Namespaces (linux/sched.h)
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+# Mount flags (linux/mount.h)
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+# prctl (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+#: The child's control socket, once it has closed everything else.
+CHILD_CONTROL_FD = 3
+#: Exit codes of a child that failed before it ran a program.
+EXIT_SETUP_FAILED = 71
+EXIT_NO_FDS = 70
+
+#: The guest runtime (``/codemode/guest.py``), imported once by the zygote.
+_guest: Any = None
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.prctl.restype = ctypes.c_int
+
+
+class _SockFilterProg(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
+    return int(_libc.prctl(option, arg2, arg3, 0, 0))
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+class Config:
+    """What every child gets, fixed at the zygote's start by the service."""
+
+    def __init__(self, raw: dict[str, Any], seccomp_bpf: bytes) -> None:
+        self.tmpfs_bytes = int(raw.get("tmpfs_bytes") or (64 << 20))
+        #: rlimit name -> value (hard and soft), applied before the uid changes.
+        self.rlimits: dict[int, int] = {
+            getattr(resource, name): int(value)
+            for name, value in (raw.get("rlimits") or {}).items()
+            if int(value) > 0
+        }
+        self.seccomp_bpf = seccomp_bpf
+        self._filter = ctypes.create_string_buffer(seccomp_bpf, len(seccomp_bpf))
+        self.prog = _SockFilterProg(len(seccomp_bpf) // 8, ctypes.addressof(self._filter))
+
+
+# --------------------------------------------------------------------------------------------
+# The child
+
+
+def _keep_only_control(control_fd: int, devnull: int) -> None:
+    for target in (0, 1, 2):
+        os.dup2(devnull, target)
+    if control_fd != CHILD_CONTROL_FD:
+        os.dup2(control_fd, CHILD_CONTROL_FD)  # inheritable copy; the original closes below
+    os.closerange(CHILD_CONTROL_FD + 1, 1 << 20)
+    os.set_inheritable(CHILD_CONTROL_FD, False)
+
+
+def _fresh_mounts(tmpfs_bytes: int) -> None:
+    _check(_libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    scratch = f"size={tmpfs_bytes},mode=1777"
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    _mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )
+    os.chdir("/tmp")  # noqa: S108
+
+
+def _drop_privileges(uid: int, config: Config) -> None:
+    for which, value in config.rlimits.items():
+        resource.setrlimit(which, (value, value))
+    cap = 0
+    while _prctl(PR_CAPBSET_DROP, cap) == 0:
+        cap += 1
+    if ctypes.get_errno() != errno.EINVAL:
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL), "PR_CAP_AMBIENT")
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # a non-zero uid empties the permitted and effective sets
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")  # and the inheritable set
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+    # Cleared by the uid change; re-armed: the zygote's death kills this child.
+    _check(_prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "PR_SET_PDEATHSIG")
+    if config.seccomp_bpf:
+        _check(
+            _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(config.prog)),
+            "seccomp",
+        )
+
+
+def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
+    """Everything between the fork and the program; never returns."""
+    code = EXIT_SETUP_FAILED
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _keep_only_control(control_fd, devnull)
+        _fresh_mounts(config.tmpfs_bytes)
+        _drop_privileges(uid, config)
+        os.write(CHILD_CONTROL_FD, b"R")  # the service reads our pid and uid off this byte
+        code = EXIT_NO_FDS
+        channel = _guest.receive_fds(CHILD_CONTROL_FD)
+        code = 0
+        _guest.serve_one(channel)
+    except BaseException:  # the exit code is the report
+        os._exit(code or EXIT_SETUP_FAILED)
+    # As the one-shot guest: no interpreter teardown, the service kills the tree anyway.
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------
+# The zygote
+
+
+class Zygote:
+    """The fork loop: requests on the control socket, exits reported as they happen."""
+
+    def __init__(self, control: socket.socket, config: Config) -> None:
+        self.control = control
+        self.config = config
+        self.children: dict[int, int] = {}  # pid -> request id
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def send(self, kind: bytes, body: dict[str, Any]) -> None:
+        self.control.send(kind + json.dumps(body).encode())
+
+    def fork(self, request: int, uid: int, control_fd: int) -> None:
+        # The next child is pid 1 of a new pid namespace; the zygote's own children after it
+        # would join that namespace, so it goes back to its own right after the fork.
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        try:
+            pid = os.fork()
+        except OSError:
+            _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
+            raise
+        if pid == 0:
+            child_main(control_fd, uid, self.config, self.devnull)
+        _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
+        os.close(control_fd)
+        self.children[pid] = request
+        self.send(b"S", {"id": request, "pid": pid})
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            request = self.children.pop(pid, None)
+            if request is not None:
+                self.send(b"X", {"id": request, "status": status})
+
+    def kill(self, request: int) -> None:
+        for pid, owner in self.children.items():
+            if owner == request:
+                os.kill(pid, signal.SIGKILL)
+
+    def handle(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, 4096, 4)
+        except BlockingIOError:
+            return True
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        body = json.loads(data[1:])
+        request = int(body["id"])
+        if data[:1] == b"F" and len(fds) == 1:
+            try:
+                self.fork(request, int(body["uid"]), fds[0])
+            except OSError as exc:
+                os.close(fds[0])
+                self.send(b"E", {"id": request, "error": str(exc)})
+        elif data[:1] == b"K":
+            for fd in fds:
+                os.close(fd)
+            self.kill(request)
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        selector = selectors.DefaultSelector()
+        selector.register(self.control, selectors.EVENT_READ, "control")
+        selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.send(b"S", {"id": 0, "pid": os.getpid()})  # ready
+        while True:
+            for key, _ in selector.select():
+                if key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self.wake_r, 512):
+                            pass
+                    self.reap()
+                elif not self.handle():
+                    return  # the service closed the control socket: stop (children die)
+            self.reap()
+
+
+def _narrow_bounding_set() -> None:
+    """Keep in the bounding set only the capabilities bwrap left effective."""
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("CapEff:"))
+    effective = int(line.split()[1], 16)
+    cap = 0
+    while cap < 64:
+        if not effective & (1 << cap) and _prctl(PR_CAPBSET_DROP, cap) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the last capability of this kernel
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+        cap += 1
+
+
+def _prepare() -> None:
+    """Import, ahead of every child, what the guest runtime and common programs need."""
+    global _guest
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    importlib.import_module("asyncio")  # a program that awaits should not pay its import
+    _guest = importlib.import_module("guest")
+
+
+def main(argv: list[str]) -> None:
+    """``zygote.py CONTROL_FD SECCOMP_FD CONFIG_JSON`` (SECCOMP_FD -1: no filter)."""
+    control_fd, seccomp_fd, raw = int(argv[1]), int(argv[2]), json.loads(argv[3])
+    bpf = b""
+    if seccomp_fd >= 0:
+        chunks = []
+        while chunk := os.read(seccomp_fd, 65536):
+            chunks.append(chunk)
+        os.close(seccomp_fd)
+        bpf = b"".join(chunks)
+    _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+    _narrow_bounding_set()
+    _prepare()
+    control = socket.socket(fileno=control_fd)
+    os.set_inheritable(control_fd, False)
+    Zygote(control, Config(raw, bpf)).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
