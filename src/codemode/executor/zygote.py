@@ -17,8 +17,9 @@ of the program:
    size-bounded tmpfs on ``/tmp`` and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
 3. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
    changes to its own non-root uid/gid (which empties the other capability sets), clears the
-   inheritable set, sets ``no_new_privs``, re-arms ``PR_SET_PDEATHSIG`` and installs the
-   seccomp filter (BPF compiled by the service, passed in once at start-up);
+   inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
+   re-arms ``PR_SET_PDEATHSIG`` and installs the seccomp filter (BPF compiled by the service,
+   passed in once at start-up);
 4. writes one byte on its control socket: the service reads the child's host pid and uid from
    the kernel's ``SCM_CREDENTIALS``, puts it in its cgroups, and later sends it its channel,
    stdout and stderr (:func:`guest.receive_fds`); the child then runs :func:`guest.serve_one`.
@@ -59,6 +60,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 # prctl (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -194,6 +196,10 @@ def _drop_privileges(uid: int, config: Config) -> None:
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), data), "capset")  # and the inheritable set
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+    # The uid change made the process non-dumpable, which would leave its /proc/self files
+    # to root (unreadable to the program itself); an exec would have reset it, as here. Only
+    # this execution has this uid, and ptrace is denied by seccomp anyway.
+    _check(_prctl(PR_SET_DUMPABLE, 1), "PR_SET_DUMPABLE")
     # Cleared by the uid change; re-armed: the zygote's death kills this child.
     _check(_prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "PR_SET_PDEATHSIG")
     if config.seccomp_bpf:
