@@ -433,7 +433,9 @@ class Sampler:
                         self.busy_seen.add(proc)
                     tasks[uid] = tasks.get(uid, 0) + len(os.listdir(f"/proc/{proc.pid}/task"))
                     for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
-                        if line.startswith("Pss:"):
+                        # Anonymous and shmem pages are what a bomb allocates and the memory
+                        # cgroup charges; file pages of the shared runtime are neither.
+                        if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
                             pss[uid] = pss.get(uid, 0) + int(line.split()[1]) * 1024
             self.max_tasks_per_uid = max([self.max_tasks_per_uid, *tasks.values()])
             self.max_pss_per_uid = max([self.max_pss_per_uid, *pss.values()])

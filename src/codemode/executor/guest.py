@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import errno
 import itertools
 import json
 import linecache
@@ -38,6 +39,8 @@ FRAME_HEADER = struct.Struct(">II")
 USER_FILENAME = "<codemode>"
 #: Largest header a peer may send; payloads are bounded by the limits in the start frame.
 MAX_HEADER_BYTES = 1 << 20
+#: A deep traceback keeps this many outermost and innermost frames.
+TRACEBACK_HEAD, TRACEBACK_TAIL = 10, 20
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 #: Reserved tool names behind ``tools.search`` / ``tools.describe``, answered by the client.
 SEARCH_TOOL = "_codemode_search"
@@ -365,28 +368,66 @@ def apply_limits(limits: Mapping[str, Any]) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _bounded_frames(tb: types.TracebackType | None) -> tuple[list[tuple[Any, int]], int]:
+    """The traceback's (frame, line) pairs, keeping the first and last few of a deep one.
+
+    A runaway recursion leaves up to a million frames: formatting all of them would cost the
+    program its CPU limit and the model a wall of identical lines.
+    """
+    pairs = [(t.tb_frame, t.tb_lineno) for t in _walk_tb(tb)]
+    if len(pairs) <= TRACEBACK_HEAD + TRACEBACK_TAIL:
+        return pairs, 0
+    return pairs[:TRACEBACK_HEAD] + pairs[-TRACEBACK_TAIL:], len(
+        pairs
+    ) - TRACEBACK_HEAD - TRACEBACK_TAIL
+
+
+def _walk_tb(tb: types.TracebackType | None) -> Iterator[types.TracebackType]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
 def user_traceback(exc: BaseException) -> str:
     """Format ``exc`` keeping only frames of the user's code (and what they called)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    pairs, cut = _bounded_frames(exc.__traceback__)
+    frames = traceback.StackSummary.extract(iter(pairs), lookup_lines=True)
     first_user = next((i for i, f in enumerate(frames) if f.filename == USER_FILENAME), None)
     # The runtime's own frames (tool forwarders, the relay) are not the user's business.
     kept = (
         [f for f in frames[first_user:] if f.filename != __file__] if first_user is not None else []
     )
     lines = ["Traceback (most recent call last):\n"] if kept else []
-    lines += traceback.format_list(kept)
+    formatted = traceback.format_list(kept)
+    if cut:
+        at = max(0, min(len(formatted), TRACEBACK_HEAD - (first_user or 0)))
+        formatted.insert(at, f"  [... {cut} frames omitted ...]\n")
+    lines += formatted
     lines += traceback.format_exception_only(type(exc), exc)
     return "".join(lines)
 
 
+def limit_error_type(exc: BaseException) -> str | None:
+    """The limit an uncaught exception reports, judged by its type and errno, or None.
+
+    In the sandbox a refused fork surfaces as ``BlockingIOError`` (EAGAIN) and a refused thread
+    as the ``RuntimeError`` that ``threading`` raises from ``Thread.start``; a refused mapping
+    as ``OSError`` ENOMEM.
+    """
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return "MemoryLimit"
+    if isinstance(exc, BlockingIOError) and exc.errno == errno.EAGAIN:
+        return "ProcessLimit"
+    if type(exc) is RuntimeError and exc.__traceback__ is not None:
+        last = list(_walk_tb(exc.__traceback__))[-1].tb_frame.f_code
+        if last.co_name == "start" and last.co_filename.endswith("threading.py"):
+            return "ProcessLimit"
+    return None
+
+
 def _error_frame(exc: BaseException) -> dict[str, Any]:
-    error_type = type(exc).__name__
-    if isinstance(exc, ToolError):
-        error_type = "ToolError"
-    elif isinstance(exc, MemoryError):
-        error_type = "MemoryLimit"
-    elif isinstance(exc, RecursionError):
-        error_type = "RecursionError"
+    error_type = "ToolError" if isinstance(exc, ToolError) else type(exc).__name__
+    error_type = limit_error_type(exc) or error_type
     return {
         "t": "done",
         "ok": False,
