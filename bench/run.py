@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--executor-pid", type=int, help="its pid, to measure its RSS")
     parser.add_argument(
         "--isolation",
-        choices=["auto", "bwrap", "process"],
+        choices=["auto", "forkserver", "bwrap", "process"],
         help="passed to `codemode serve` (default: its own, auto)",
     )
     parser.add_argument(

@@ -105,6 +105,10 @@ def marked_program(tag: str, then: str = "time.sleep(30)") -> str:
     )
 
 
+#: In the command line of the fork-server backend's zygote, which serves every execution.
+ZYGOTE = "/codemode/zygote.py"
+
+
 def marked_tree(root: int, tag: str) -> list[ProcRef]:
     """The marked child of ``tag``'s program and its ancestors below ``root``, or []."""
     label = f"{MARKER}:{tag}"
@@ -117,8 +121,12 @@ def marked_tree(root: int, tag: str) -> list[ProcRef]:
     for pid in table:
         if _cmdline(pid).endswith(label):
             tree = []
+            execution = True  # the fork server's zygote (and its bwrap) outlive executions
             while pid in table and pid != root:
-                tree.append(ProcRef(pid, table[pid][1], _cmdline(pid)))
+                cmdline = _cmdline(pid)
+                execution = execution and ZYGOTE not in cmdline
+                if execution:
+                    tree.append(ProcRef(pid, table[pid][1], cmdline))
                 pid = table[pid][0]
             return tree if pid == root else []
     return []

@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-no-auth", action="store_true", help="serve without an API key")
     serve.add_argument(
         "--isolation",
-        choices=["auto", "bwrap", "process"],
-        help="sandbox backend (default auto: bwrap, or refuse to start)",
+        choices=["auto", "forkserver", "bwrap", "process"],
+        help="sandbox backend (default auto: forkserver, or refuse to start)",
     )
     serve.add_argument("--max-concurrent", type=int, help="executions running at once")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")

@@ -58,9 +58,11 @@ class ExecutorConfig(BaseSettings):
     port: int = Field(default=d.DEFAULT_PORT, ge=0, le=65535)
     api_key: SecretStr | None = None
     insecure_no_auth: bool = False
-    isolation: Literal["auto", "bwrap", "process"] = Field(
+    isolation: Literal["auto", "forkserver", "bwrap", "process"] = Field(
         default="auto",
-        description="auto: bwrap, refusing to start if the host cannot enforce it; "
+        description="auto: forkserver, refusing to start if the host cannot enforce it; "
+        "forkserver: guests forked ahead from one sandboxed zygote, each in fresh namespaces; "
+        "bwrap: a one-shot bubblewrap sandbox per execution; "
         "process: plain child processes, no isolation (warns).",
     )
     max_concurrent_executions: int = Field(default=d.MAX_CONCURRENT_EXECUTIONS, ge=1)

@@ -23,7 +23,9 @@ class IsolationUnavailable(RuntimeError):
 def make_backend(config: ExecutorConfig) -> SandboxBackend:
     """The backend for ``config.isolation``; raises :class:`IsolationUnavailable`.
 
-    ``auto`` and ``bwrap`` both require the kernel sandbox and refuse to fall back silently.
+    ``auto`` (the fork server), ``forkserver`` and ``bwrap`` (a one-shot sandbox per execution)
+    all require the kernel sandbox and refuse to fall back silently. Both sandbox backends rest
+    on the same host properties (root, bwrap, seccomp, namespaces), which ``check_host`` probes.
     """
     if config.isolation == "process":
         logger.warning(PROCESS_WARNING)
@@ -41,4 +43,8 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
             + lines
             + "\nfix the above, or pass --isolation=process to run WITHOUT isolation"
         )
-    return BwrapBackend(limits=config.limits)
+    if config.isolation == "bwrap":
+        return BwrapBackend(limits=config.limits)
+    from codemode.executor.forkserver import ForkServerBackend
+
+    return ForkServerBackend(limits=config.limits)
