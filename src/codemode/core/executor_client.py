@@ -190,6 +190,26 @@ class ExecutorClient:
         """Blocking :meth:`health_check_async`."""
         return run_sync(self.health_check_async())
 
+    async def info_async(self) -> dict[str, Any]:
+        """The executor's details: version, ``isolation`` backend, ``isolated``, ``warnings``,
+        ``limits`` and concurrency. Raises the errors of :mod:`codemode.core.errors`."""
+        try:
+            reply = await pb_grpc.ExecutorStub(self._channel()).Info(
+                pb.InfoRequest(), timeout=self.config.connect_timeout, metadata=self._auth
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, "", sent=False) from None
+        return {
+            "version": reply.version,
+            "isolation": reply.isolation,
+            "isolated": reply.isolated,
+            "warnings": list(reply.warnings),
+            "limits": {f.name: getattr(reply.limits, f.name) for f in pb.Limits.DESCRIPTOR.fields},
+            "max_execution_timeout_seconds": reply.max_execution_timeout_seconds,
+            "max_concurrent_executions": reply.max_concurrent_executions,
+            "running_executions": reply.running_executions,
+        }
+
     # Executing -----------------------------------------------------------------------------
 
     async def execute_async(

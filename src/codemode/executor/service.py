@@ -108,7 +108,7 @@ class Admission:
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    """Implements ``Execute``: one stream, one execution."""
+    """Implements ``Execute`` (one stream, one execution) and ``Info``."""
 
     def __init__(self, config: ExecutorConfig, backend: SandboxBackend) -> None:
         self._config = config
@@ -117,6 +117,39 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             config.max_concurrent_executions, config.max_queued_executions, config.queue_timeout
         )
         self.accepting = True
+
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InfoResponse:
+        """What this executor enforces: its sandbox, ceilings, and any warnings."""
+        from codemode._version import __version__
+        from codemode.executor.backends import PROCESS_WARNING
+
+        warnings = []
+        if not self._backend.isolated:
+            warnings.append(PROCESS_WARNING)
+        if self._config.api_key is None:
+            warnings.append("insecure-no-auth: any caller that reaches the port can run code")
+        limits = self._config.limits
+        return pb.InfoResponse(
+            version=__version__,
+            isolation=self._backend.name,
+            isolated=self._backend.isolated,
+            warnings=warnings,
+            limits=pb.Limits(
+                cpu_seconds=limits.cpu_seconds,
+                memory_bytes=limits.memory_bytes,
+                max_processes=limits.max_processes,
+                max_file_bytes=limits.max_file_bytes,
+                max_open_files=limits.max_open_files,
+                max_output_bytes=limits.max_output_bytes,
+                max_result_bytes=limits.max_result_bytes,
+                tmpfs_bytes=limits.tmpfs_bytes,
+            ),
+            max_execution_timeout_seconds=self._config.max_execution_timeout,
+            max_concurrent_executions=self._config.max_concurrent_executions,
+            running_executions=self._admission.running,
+        )
 
     # Frames are written with context.write (not yielded) so that tool calls and output from
     # concurrent tasks interleave on the stream; hence the override of the generated signature.

@@ -26,6 +26,67 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class InfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InfoRequest: _TypeAlias = InfoRequest  # noqa: Y015
+
+@_typing.final
+class InfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
+    ISOLATED_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    MAX_EXECUTION_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    RUNNING_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    isolation: _builtins.str
+    """the sandbox backend: "forkserver", "bwrap", "process" """
+    isolated: _builtins.bool
+    """false: programs run WITHOUT a sandbox"""
+    max_execution_timeout_seconds: _builtins.float
+    max_concurrent_executions: _builtins.int
+    running_executions: _builtins.int
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """the service's ceilings"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        isolation: _builtins.str = ...,
+        isolated: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        limits: Global___Limits | None = ...,
+        max_execution_timeout_seconds: _builtins.float = ...,
+        max_concurrent_executions: _builtins.int = ...,
+        running_executions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated", "isolation", b"isolation", "limits", b"limits", "max_concurrent_executions", b"max_concurrent_executions", "max_execution_timeout_seconds", b"max_execution_timeout_seconds", "running_executions", b"running_executions", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
 class ToolSpec(_message.Message):
     """A tool the program may call. Only declared tools are reachable from the sandbox."""
 

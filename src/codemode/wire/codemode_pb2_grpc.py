@@ -32,6 +32,11 @@ class ExecutorStub:
                 request_serializer=codemode__pb2.ClientFrame.SerializeToString,
                 response_deserializer=codemode__pb2.ServerFrame.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/codemode.v1.Executor/Info',
+                request_serializer=codemode__pb2.InfoRequest.SerializeToString,
+                response_deserializer=codemode__pb2.InfoResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -43,6 +48,13 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """What this executor is and enforces; the details behind its health status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -50,6 +62,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=codemode__pb2.ClientFrame.FromString,
                     response_serializer=codemode__pb2.ServerFrame.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=codemode__pb2.InfoRequest.FromString,
+                    response_serializer=codemode__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -79,6 +96,33 @@ class Executor:
             '/codemode.v1.Executor/Execute',
             codemode__pb2.ClientFrame.SerializeToString,
             codemode__pb2.ServerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/codemode.v1.Executor/Info',
+            codemode__pb2.InfoRequest.SerializeToString,
+            codemode__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,11 +37,15 @@ class ExecutorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
     Execute: _grpc.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]
+    Info: _grpc.UnaryUnaryMultiCallable[_codemode_pb2.InfoRequest, _codemode_pb2.InfoResponse]
+    """What this executor is and enforces; the details behind its health status."""
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]  # type: ignore[assignment]
+    Info: _aio.UnaryUnaryMultiCallable[_codemode_pb2.InfoRequest, _codemode_pb2.InfoResponse]  # type: ignore[assignment]
+    """What this executor is and enforces; the details behind its health status."""
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -50,5 +54,13 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_codemode_pb2.ClientFrame],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_codemode_pb2.ServerFrame], _abc.AsyncIterator[_codemode_pb2.ServerFrame]]: ...
+
+    @_abc_1.abstractmethod
+    def Info(
+        self,
+        request: _codemode_pb2.InfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_codemode_pb2.InfoResponse, _abc.Awaitable[_codemode_pb2.InfoResponse]]:
+        """What this executor is and enforces; the details behind its health status."""
 
 def add_ExecutorServicer_to_server(servicer: ExecutorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
