@@ -9,7 +9,6 @@ guest's whole process tree is killed and every descriptor closed before this ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -42,8 +41,6 @@ OutputSink = Callable[[int, bytes], Awaitable[None]]
 MAX_PENDING_TOOL_CALLS = 256
 #: Largest tool-call argument payload a guest may send, bytes.
 MAX_ARGUMENT_BYTES = 16 * 1024 * 1024
-#: After the outcome, how long output pipes may take to reach EOF, seconds.
-DRAIN_TIMEOUT_S = 1.0
 
 
 class LimitHit(Exception):
@@ -61,41 +58,96 @@ class _Outcome:
 
 
 class _Output:
-    """Reads one output pipe, keeps up to the limit shared with the other pipe, streams chunks."""
+    """One output pipe, read on the loop as data arrives; both pipes share one byte budget.
 
-    def __init__(self, which: int, budget: list[int], sink: OutputSink | None) -> None:
+    Reading is synchronous (``add_reader`` + ``os.read``), so :meth:`flush` can take what the
+    pipe holds at the moment the outcome arrives without waiting for the guest to die.
+    Chunks for streaming go to ``queue``; the limit is reported once through ``on_limit``.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        which: int,
+        budget: list[int],
+        on_limit: Callable[[], None],
+        queue: asyncio.Queue[tuple[int, bytes]] | None,
+    ) -> None:
+        self.fd = fd
         self.which = which
         self.chunks: list[bytes] = []
         self.truncated = False
         self._budget = budget
-        self._sink = sink
+        self._on_limit = on_limit
+        self._queue = queue
+        self._loop = asyncio.get_running_loop()
+        self._open = True
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self.read_available)
 
-    async def pump(self, reader: asyncio.StreamReader, on_limit: Callable[[], None]) -> None:
-        while chunk := await reader.read(65536):
+    def read_available(self) -> None:
+        """Take what the pipe holds now; stop reading at EOF or at the limit."""
+        while self._open:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._stop()
+                return
             room = self._budget[0]
             if len(chunk) > room:
-                chunk = chunk[:room]
-                self.truncated = True
+                chunk, self.truncated = chunk[:room], True
             self._budget[0] -= len(chunk)
             if chunk:
                 self.chunks.append(chunk)
-                if self._sink is not None:
-                    await self._sink(self.which, chunk)
+                if self._queue is not None:
+                    self._queue.put_nowait((self.which, chunk))
             if self.truncated:
-                on_limit()
+                self._stop()
+                self._on_limit()
                 return
+
+    def _stop(self) -> None:
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self.fd)
+
+    def close(self) -> None:
+        self._stop()
+        os.close(self.fd)
 
     def data(self) -> bytes:
         return b"".join(self.chunks)
 
 
-async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
-    return reader, transport
+async def _forward(queue: asyncio.Queue[tuple[int, bytes]], sink: OutputSink) -> None:
+    """Stream output chunks in the order they were read."""
+    while True:
+        which, chunk = await queue.get()
+        try:
+            await sink(which, chunk)
+        finally:
+            queue.task_done()
+
+
+#: Guests whose outcome is known, killed and being reaped off the request path.
+_REAPING: set[asyncio.Task[Any]] = set()
+
+
+def _reap_later(guest: GuestProcess) -> None:
+    """Wait for a killed guest in the background so its outcome need not wait for its exit."""
+    task = asyncio.get_running_loop().create_task(guest.wait())
+    _REAPING.add(task)
+    task.add_done_callback(_REAPING.discard)
+
+
+async def wait_reaped() -> None:
+    """Wait until every guest killed by finished executions has been reaped (for shutdown)."""
+    if _REAPING:
+        await asyncio.wait(set(_REAPING))
 
 
 async def _read_frame(
@@ -153,14 +205,9 @@ async def run_execution(
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     guest: GuestProcess | None = None
-    transports: list[asyncio.BaseTransport] = []
     tasks: list[asyncio.Task[Any]] = []
     writer: asyncio.StreamWriter | None = None
-    budget = [limits.max_output_bytes]
-    outputs = [
-        _Output(pb.Output.STDOUT, budget, on_output),
-        _Output(pb.Output.STDERR, budget, on_output),
-    ]
+    outputs: list[_Output] = []
     tool_calls = 0
     try:
         try:
@@ -169,12 +216,6 @@ async def run_execution(
             child_sock.close()
             os.close(out_w)
             os.close(err_w)
-        readers = []
-        for fd in (out_r, err_r):
-            reader, transport = await _pipe_reader(fd)
-            transports.append(transport)
-            readers.append(reader)
-        out_r = err_r = -1  # owned by the transports now
         chan_reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=1 << 20)
 
         limit_hit: asyncio.Future[LimitHit] = asyncio.get_running_loop().create_future()
@@ -191,8 +232,14 @@ async def run_execution(
                 )
             )
 
-        for output, reader in zip(outputs, readers, strict=True):
-            tasks.append(asyncio.create_task(output.pump(reader, output_limit)))
+        queue: asyncio.Queue[tuple[int, bytes]] | None = None
+        if on_output is not None:
+            queue = asyncio.Queue()
+            tasks.append(asyncio.create_task(_forward(queue, on_output)))
+        budget = [limits.max_output_bytes]
+        for fd, which in ((out_r, pb.Output.STDOUT), (err_r, pb.Output.STDERR)):
+            outputs.append(_Output(fd, which, budget, output_limit, queue))
+        out_r = err_r = -1  # owned by the outputs now
 
         header = {
             "t": "start",
@@ -281,12 +328,16 @@ async def run_execution(
         for task in pending:
             task.cancel()
         guest.kill()
-        await _drain(tasks)
+        if isinstance(outcome_or_error, asyncio.IncompleteReadError | ConnectionError):
+            outcome_or_error = describe_exit(await guest.wait(), limits)
+        # The guest flushed its streams before reporting: what it wrote is in the pipes now.
+        for output in outputs:
+            output.read_available()
+        if queue is not None:
+            await queue.join()
         if limit_hit.done() and isinstance(outcome_or_error, _Outcome):
             # The outcome can overtake the output that broke the limit; the limit still wins.
             outcome_or_error = limit_hit.result()
-        if isinstance(outcome_or_error, asyncio.IncompleteReadError | ConnectionError):
-            outcome_or_error = describe_exit(await guest.wait(), limits)
         return _to_result(
             outcome_or_error,
             outputs,
@@ -295,12 +346,10 @@ async def run_execution(
             tool_calls=tool_calls,
         )
     finally:
-        if guest is not None:
-            guest.kill()
         for task in tasks:
             task.cancel()
-        for transport in transports:
-            transport.close()
+        for output in outputs:
+            output.close()
         for fd in (out_r, err_r):
             if fd >= 0:
                 os.close(fd)
@@ -309,15 +358,8 @@ async def run_execution(
         else:
             parent_sock.close()
         if guest is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.shield(guest.wait())
-
-
-async def _drain(tasks: list[asyncio.Task[Any]]) -> None:
-    """Let the output pumps reach EOF (the guest is dead), within a bound."""
-    pumps = [t for t in tasks[:2] if not t.done()]
-    if pumps:
-        await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT_S)
+            guest.kill()
+            _reap_later(guest)
 
 
 def _to_result(

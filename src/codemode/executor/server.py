@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from grpc_health.v1._async import HealthServicer
 
 from codemode.config import ExecutorConfig
 from codemode.config._defaults import MAX_MESSAGE_BYTES
+from codemode.executor.execution import wait_reaped
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.service import AuthInterceptor, ExecutorServicer
 from codemode.wire import codemode_pb2_grpc as pb_grpc
@@ -38,6 +40,8 @@ class RunningServer:
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait_reaped(), timeout=5.0)
         await self.backend.close()
 
 
