@@ -218,8 +218,8 @@ async def bench(smoke: bool) -> dict[str, Any]:
             execute, code_async_tool, sizes["b_calls"], sizes["b_reps"]
         )
 
-        print("c/d. concurrent `sum(range(1000))` with RSS sampling ...", flush=True)
-        idle = benchlib.tree_rss_bytes(proc.pid)
+        print("c/d. concurrent `sum(range(1000))` with RSS/PSS sampling ...", flush=True)
+        idle, idle_pss = benchlib.tree_memory_bytes(proc.pid)
         with benchlib.RssSampler(proc.pid) as sampler:
             workloads["c_concurrent"] = await benchlib.concurrent(
                 execute,
@@ -228,7 +228,7 @@ async def bench(smoke: bool) -> dict[str, Any]:
                 sizes["c_n"],
                 sizes["c_in_flight"],
             )
-        workloads["d_rss"] = sampler.summary(idle)
+        workloads["d_rss"] = sampler.summary(idle, idle_pss)
 
         print("e. tools under asyncio.gather ...", flush=True)
         samples = await benchlib.sequential(

@@ -106,7 +106,16 @@ async def wait_for_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0
 
 
 # --------------------------------------------------------------------------------------------
-# RSS of a process tree, from /proc (Linux only; no psutil in either venv)
+# Memory of a process tree, from /proc (Linux only; no psutil in either venv)
+#
+# Two measures, taken by the same code on both sides:
+#
+# - RSS-sum: the resident set sizes of every process in the tree added up. A page shared by N
+#   processes (copy-on-write pages of a forked parent, shared libraries) is counted N times, so a
+#   fork server whose guests share the zygote's imported modules looks N times bigger than it is.
+# - PSS-sum: the proportional set sizes (``Pss:`` of ``/proc/PID/smaps_rollup``) added up. A page
+#   shared by N processes counts 1/N in each, so the sum is what the tree really holds in RAM.
+#   This is the one to compare; RSS-sum is kept because it is what ``ps``/``top`` would suggest.
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -137,31 +146,57 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 def tree_rss_bytes(root: int) -> int:
     """Sum of resident set sizes over ``root`` and all its descendants."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return sum(_rss_bytes(pid) for pid in tree_pids(root))
+
+
+def tree_pss_bytes(root: int) -> int:
+    """Sum of proportional set sizes over ``root`` and all its descendants."""
+    return sum(_pss_bytes(pid) for pid in tree_pids(root))
+
+
+def tree_memory_bytes(root: int) -> tuple[int, int]:
+    """(RSS-sum, PSS-sum) of ``root``'s tree, from one listing of its processes."""
+    pids = tree_pids(root)
+    return sum(_rss_bytes(p) for p in pids), sum(_pss_bytes(p) for p in pids)
 
 
 class RssSampler:
-    """Samples the RSS of a process tree on a background thread while the ``with`` body runs."""
+    """Samples RSS-sum and PSS-sum of a process tree on a background thread during ``with``."""
 
     def __init__(self, root_pid: int, interval_s: float = 0.1) -> None:
         self.root_pid = root_pid
         self.interval_s = interval_s
         self.samples: list[int] = []
+        self.pss_samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(tree_rss_bytes(self.root_pid))
+            rss, pss = tree_memory_bytes(self.root_pid)
+            self.samples.append(rss)
+            self.pss_samples.append(pss)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
@@ -172,15 +207,22 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
-    def summary(self, idle_bytes: int) -> dict[str, float]:
+    def summary(self, idle_bytes: int, idle_pss_bytes: int | None = None) -> dict[str, float]:
+        """RSS keys as before (``idle_mib``, ``peak_mib``, ``median_mib``) plus ``pss_*``."""
         mib = 1024.0 * 1024.0
         samples = self.samples or [0]
-        return {
+        pss = self.pss_samples or [0]
+        out = {
             "idle_mib": round(idle_bytes / mib, 1),
             "peak_mib": round(max(samples) / mib, 1),
             "median_mib": round(statistics.median(samples) / mib, 1),
             "samples": len(self.samples),
+            "pss_peak_mib": round(max(pss) / mib, 1),
+            "pss_median_mib": round(statistics.median(pss) / mib, 1),
         }
+        if idle_pss_bytes is not None:
+            out["pss_idle_mib"] = round(idle_pss_bytes / mib, 1)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +331,10 @@ def write_results(name: str, impl: str, workloads: dict[str, Any], smoke: bool) 
     return path
 
 
+#: Rows shown for information without a ratio: RSS-sum counts pages shared between a fork server
+#: and its forked guests once per process, so it is not comparable across designs (PSS is).
+NO_RATIO: frozenset[tuple[str, str]] = frozenset({("d_rss", "peak_mib"), ("d_rss", "idle_mib")})
+
 #: (workload, key, label, unit, higher_is_better)
 METRICS: list[tuple[str, str, str, str, bool]] = [
     ("a_trivial", "p50_ms", "a. `result = 2 + 2` p50", "ms", False),
@@ -298,8 +344,10 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("c_concurrent", "exec_per_s", "c. 16 in flight, throughput", "exec/s", True),
     ("c_concurrent", "p50_ms", "c. 16 in flight, p50", "ms", False),
     ("c_concurrent", "p99_ms", "c. 16 in flight, p99", "ms", False),
-    ("d_rss", "peak_mib", "d. executor RSS peak (during c)", "MiB", False),
-    ("d_rss", "idle_mib", "d. executor RSS idle", "MiB", False),
+    ("d_rss", "pss_peak_mib", "d. executor PSS-sum peak (during c)", "MiB", False),
+    ("d_rss", "pss_idle_mib", "d. executor PSS-sum idle", "MiB", False),
+    ("d_rss", "peak_mib", "d. executor RSS-sum peak (during c)", "MiB", False),
+    ("d_rss", "idle_mib", "d. executor RSS-sum idle", "MiB", False),
     ("e_gather", "total_ms_p50", "e. 10 x 100 ms tools under gather", "ms", False),
 ]
 

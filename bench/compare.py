@@ -3,7 +3,9 @@
     python bench/compare.py [--smoke] [--baseline PATH] [--ours PATH]
 
 The last column is how many times better ours is (baseline / ours for times and memory,
-ours / baseline for throughput): above 1 means we win. Standard library only.
+ours / baseline for throughput): above 1 means we win. Memory is compared by PSS-sum; RSS-sum
+is shown without a ratio, since it counts pages shared between processes once per process.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def table(baseline: dict[str, Any] | None, ours: dict[str, Any] | None) -> str:
         b = base_w.get(workload, {}).get(key)
         o = ours_w.get(workload, {}).get(key)
         ratio = "-"
-        if isinstance(b, int | float) and isinstance(o, int | float) and b > 0 and o > 0:
+        if (workload, key) in benchlib.NO_RATIO:
+            ratio = "n/a (compare PSS)"
+        elif isinstance(b, int | float) and isinstance(o, int | float) and b > 0 and o > 0:
             factor = o / b if higher_is_better else b / o
             ratio = f"{factor:.2f}x {'better' if factor >= 1 else 'worse'}"
         lines.append(f"| {label} | {unit} | {_fmt(b)} | {_fmt(o)} | {ratio} |")

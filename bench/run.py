@@ -233,8 +233,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 execute, code_async_tool, sizes["b_calls"], sizes["b_reps"]
             )
 
-            print("c/d. concurrent `sum(range(1000))` with RSS sampling ...", flush=True)
-            idle = benchlib.tree_rss_bytes(pid) if pid else 0
+            print("c/d. concurrent `sum(range(1000))` with RSS/PSS sampling ...", flush=True)
+            idle, idle_pss = benchlib.tree_memory_bytes(pid) if pid else (0, 0)
             sampler = benchlib.RssSampler(pid) if pid else None
             with sampler or contextlib.nullcontext():
                 workloads["c_concurrent"] = await benchlib.concurrent(
@@ -245,7 +245,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     sizes["c_in_flight"],
                 )
             if sampler is not None:
-                workloads["d_rss"] = sampler.summary(idle)
+                workloads["d_rss"] = sampler.summary(idle, idle_pss)
 
             print("e. tools under asyncio.gather ...", flush=True)
             samples = await benchlib.sequential(
