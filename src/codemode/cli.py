@@ -132,7 +132,10 @@ def _doctor(args: argparse.Namespace) -> int:
             "isolation: NOT available; `codemode serve` refuses to start (or --isolation=process)"
         )
         return 1
-    print("isolation: available (bwrap)")
+    print(
+        "isolation: available; `codemode serve` uses the fork server (--isolation=forkserver, "
+        "the default) or one bwrap sandbox per execution (--isolation=bwrap)"
+    )
     return 0
 
 

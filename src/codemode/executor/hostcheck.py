@@ -8,6 +8,7 @@ second: the one real probe starts a single sandbox the way the backend does.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -224,13 +225,13 @@ def _sandbox_probe(bwrap: str, *, with_seccomp: bool) -> list[Check]:
             "namespaces",
             seen["procs"] == 1 and seen["net"] != "connected",
             f"alone in its pid namespace: {seen['procs'] == 1}; "
-            f"connect to 127.0.0.1: {seen['net']}",
+            f"connect to 127.0.0.1: {_outcome(seen['net'])}",
             "bwrap must be able to unshare pid, net, ipc, uts and mount namespaces",
         ),
         Check(
             "non-root uid",
             seen["uid"] == DEFAULT_UID_BASE and seen["sysctl"] != "written",
-            f"guest uid {seen['uid']}, write to /proc/sys: {seen['sysctl']}",
+            f"guest uid {seen['uid']}, write to /proc/sys: {_outcome(seen['sysctl'])}",
             "setpriv must be able to switch to the sandbox uid range",
         ),
         Check(
@@ -252,3 +253,10 @@ def _sandbox_probe(bwrap: str, *, with_seccomp: bool) -> list[Check]:
             required=with_seccomp,
         ),
     ]
+
+
+def _outcome(value: object) -> str:
+    """An attempt's outcome as the probe saw it: an errno by name, or the word it reported."""
+    if isinstance(value, int):
+        return f"refused ({errno.errorcode.get(value, value)})"
+    return str(value)
