@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+#: Where result files go; ``CODEMODE_BENCH_RESULTS`` overrides it (the smoke test uses a tmp dir).
+RESULTS_DIR = Path(os.environ.get("CODEMODE_BENCH_RESULTS") or BENCH_DIR / "results")
 
 #: Workload sizes for a full run and for ``--smoke`` (CI: proves it works, asserts no speed).
 FULL = {
@@ -309,6 +310,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        # Other work on the machine skews timings: the 1-minute load average when the run ended.
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     with contextlib.suppress(OSError):
         for line in Path("/etc/os-release").read_text().splitlines():
