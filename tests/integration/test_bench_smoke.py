@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end in their smoke mode and write their result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ISOLATION
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, results: Path) -> dict:
+    """Run ``bench/<script> --smoke`` with results in ``results`` and return its JSON document."""
+    env = dict(os.environ, CODEMODE_BENCH_RESULTS=str(results))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", f"--isolation={ISOLATION}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    name = {"run.py": "codemode", "growth.py": "growth"}[script]
+    return json.loads((results / f"{name}.smoke.json").read_text())
+
+
+@pytest.mark.timeout(110)
+def test_run_smoke(tmp_path: Path) -> None:
+    """``bench/run.py --smoke`` exits 0 and writes every workload, PSS included."""
+    doc = _run("run.py", tmp_path)
+    assert doc["smoke"] is True
+    workloads = doc["workloads"]
+    for key in ("a_trivial", "b_tool_sync", "b_tool_async", "c_concurrent", "d_rss", "e_gather"):
+        assert key in workloads
+    assert {"p50_ms", "p99_ms"} <= workloads["a_trivial"].keys()
+    assert {"exec_per_s", "p99_ms"} <= workloads["c_concurrent"].keys()
+    assert {"peak_mib", "idle_mib", "pss_peak_mib", "pss_idle_mib"} <= workloads["d_rss"].keys()
+
+
+@pytest.mark.timeout(110)
+def test_growth_smoke(tmp_path: Path) -> None:
+    """``bench/growth.py --smoke`` exits 0 and writes every growth series."""
+    doc = _run("growth.py", tmp_path)
+    assert doc["smoke"] is True
+    series = doc["workloads"]
+    for key in ("reference", "code_size", "output_size", "result_size", "tool_calls"):
+        assert key in series
+    assert {"comments", "literal"} <= series["code_size"].keys()
+    assert {"bytes", "p50_ms"} <= series["result_size"][0].keys()
+    assert {"calls", "per_call_ms"} <= series["tool_calls"][0].keys()
+    assert {"bytes", "p50_ms"} <= series["tool_arg_size"][0].keys()
+    assert {"in_flight", "exec_per_s", "p50_ms", "p99_ms"} <= series["concurrency"][0].keys()
