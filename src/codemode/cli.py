@@ -46,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         # One machine-readable line so that scripts and tests can find an ephemeral port.
-        print(f"codemode serve: listening on {config.host}:{port}", flush=True)
+        where = config.host if config.host.startswith("unix:") else f"{config.host}:{port}"
+        print(f"codemode serve: listening on {where}", flush=True)
 
     asyncio.run(serve_forever(config, backend, on_ready=ready))
     return 0

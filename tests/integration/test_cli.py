@@ -84,3 +84,34 @@ def test_the_readme_main_job_runs_the_example() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == '{"mean":13.28,"stdev":0.67}'
+
+
+def test_serve_and_exec_over_a_unix_socket(tmp_path: Path) -> None:
+    """``serve --host unix:///path`` listens on a socket file a unix:// executor_url reaches."""
+    sock = tmp_path / "codemode.sock"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CODEMODE_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "codemode.cli", "serve", "--host", f"unix://{sock}"],
+        env={**clean, "CODEMODE_API_KEY": "unix-socket-key"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == f"codemode serve: listening on unix://{sock}"
+        done = codemode(
+            "exec",
+            "-c",
+            "result = 'over a unix socket'",
+            CODEMODE_EXECUTOR_URL=f"unix://{sock}",
+            CODEMODE_EXECUTOR_API_KEY="unix-socket-key",
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == '"over a unix socket"\n'
+    finally:
+        server.terminate()
+        code = server.wait(timeout=30)
+        assert server.stdout is not None
+        server.stdout.close()
+    assert code == 0
