@@ -510,6 +510,15 @@ async def test_sixteen_at_once(backend: ForkServerBackend) -> None:
         assert _processes_of(out.uid) == []
 
 
+def _group_empty(procs: str) -> bool:
+    """The execution's cgroup is gone, or empty (the backend keeps emptied ones for reuse)."""
+    try:
+        with open(procs) as handle:
+            return handle.read().split() == []
+    except FileNotFoundError:
+        return True
+
+
 async def test_zygote_death_leaves_nothing_and_a_new_one_serves() -> None:
     b = ForkServerBackend(SandboxLimits(max_processes=16), uid_base=UID_BASE + 10_000)
     await b.start()
@@ -525,8 +534,8 @@ async def test_zygote_death_leaves_nothing_and_a_new_one_serves() -> None:
         assert _processes_of(guest.uid) == []
         await asyncio.sleep(0.2)
         assert not [p for u in range(b.uid_base, b.uid_base + 32) for p in _processes_of(u)]
-        for procs in groups:
-            assert not Path(procs).parent.exists()
+        for procs in groups:  # removed, or emptied and kept for reuse by the backend
+            assert _group_empty(procs)
         sock.close()
         os.close(out_r)
         # The next request starts a new zygote.

@@ -22,6 +22,8 @@ from pathlib import Path
 CONTROLLERS = ("memory", "pids")
 _PREFIX = "codemode-"
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: Emptied per-execution groups a backend keeps for reuse; more are removed.
+MAX_FREE_GROUPS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +229,8 @@ class BackendCgroups:
         self._name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self._roots: dict[str, Path] = {}
         self._seq = 0
+        #: Emptied groups kept for the next executions (see :meth:`acquire`).
+        self._free: list[ExecutionCgroup] = []
 
     def create(self) -> None:
         for controller, site in self.support.sites.items():
@@ -273,8 +277,40 @@ class BackendCgroups:
             raise
         return ExecutionCgroup(groups)
 
+    def acquire(self, memory_bytes: int, max_processes: int) -> ExecutionCgroup:
+        """A group for one execution: an emptied one from earlier executions, else a new one.
+
+        Reusing a group spares a mkdir, the limit writes and an rmdir per execution (the
+        limits are the backend's, the same for every guest). Its event counters are cumulative,
+        so :meth:`release` records them and :meth:`ExecutionCgroup.exceeded` compares with that.
+        """
+        try:
+            return self._free.pop()
+        except IndexError:
+            return self.new_execution(memory_bytes, max_processes)
+
+    def has_free(self) -> bool:
+        """Whether :meth:`acquire` would reuse a group (and do no file-system work)."""
+        return bool(self._free)
+
+    def release(self, group: ExecutionCgroup) -> bool:
+        """Give back an execution's group once no process is left in it; False while some are.
+
+        Returns True when the group was taken back (or removed). Kept groups are empty: a
+        process can only enter one by a write to its ``cgroup.procs`` from outside the sandbox.
+        """
+        if group.pids():
+            group.kill_all()
+            return False
+        if len(self._free) >= MAX_FREE_GROUPS:
+            return group.remove_now()
+        group.rebase()
+        self._free.append(group)
+        return True
+
     def remove(self) -> bool:
         """Kill what is left in this backend's groups and remove them; False if some remain."""
+        self._free.clear()
         for controller, root in list(self._roots.items()):
             for child in list(root.iterdir()) if root.exists() else []:
                 if child.is_dir():
@@ -289,6 +325,35 @@ class ExecutionCgroup:
 
     def __init__(self, groups: dict[str, tuple[Path, int]]) -> None:
         self._groups = groups
+        #: (memory, pids) limit events counted before the current execution (see ``rebase``).
+        self._baseline = (0, 0)
+
+    def _memory_events(self) -> int:
+        entry = self._groups.get("memory")
+        if entry is None:
+            return 0
+        path, version = entry
+        if version == 2:
+            return _read_keyed(path / "memory.events").get("oom_kill", 0)
+        oom = _read_keyed(path / "memory.oom_control")
+        if "oom_kill" in oom:
+            return oom["oom_kill"]
+        return _read_int(path / "memory.failcnt")
+
+    def _pids_events(self) -> int:
+        entry = self._groups.get("pids")
+        if entry is None:
+            return 0
+        return _read_keyed(entry[0] / "pids.events").get("max", 0)
+
+    def exceeded(self) -> tuple[bool, bool]:
+        """(memory, pids): whether the current execution hit each limit."""
+        memory, pids = self._memory_events(), self._pids_events()
+        return memory > self._baseline[0], pids > self._baseline[1]
+
+    def rebase(self) -> None:
+        """Count from now on: the next execution in this group starts with no limit hit."""
+        self._baseline = (self._memory_events(), self._pids_events())
 
     @property
     def procs_files(self) -> list[str]:
