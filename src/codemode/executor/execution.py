@@ -201,21 +201,28 @@ async def run_execution(
 ) -> pb.ExecutionResult:
     """Run ``code`` in a fresh guest and return its outcome. Cancelling this kills the guest."""
     started = time.perf_counter()
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    # A backend that sets guests up ahead hands over one already connected; else the channel
+    # and the output pipes are made here and passed to a guest it starts.
+    ready = await backend.acquire()
     guest: GuestProcess | None = None
+    if ready is not None:
+        guest, parent_sock, out_r, err_r = ready.process, ready.channel, ready.stdout, ready.stderr
+    else:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
     tasks: list[asyncio.Task[Any]] = []
     writer: asyncio.StreamWriter | None = None
     outputs: list[_Output] = []
     tool_calls = 0
     try:
-        try:
-            guest = await backend.spawn(GuestFds(child_sock.fileno(), out_w, err_w))
-        finally:
-            child_sock.close()
-            os.close(out_w)
-            os.close(err_w)
+        if guest is None:
+            try:
+                guest = await backend.spawn(GuestFds(child_sock.fileno(), out_w, err_w))
+            finally:
+                child_sock.close()
+                os.close(out_w)
+                os.close(err_w)
         chan_reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=1 << 20)
 
         limit_hit: asyncio.Future[LimitHit] = asyncio.get_running_loop().create_future()

@@ -13,10 +13,13 @@ Per guest, forked ahead of need (:mod:`codemode.executor.zygote` has the details
 new pid namespace, own net/mount/ipc/uts namespaces, fresh size-bounded tmpfs ``/tmp`` and
 ``/dev/shm``, fresh ``/proc`` and ``/dev/pts``, rlimit backstops, its own non-root host uid (one
 per live guest) with every capability set empty, ``no_new_privs`` and the seccomp filter of the
-bwrap backend; only its control socket open. It then sends one byte: the kernel attaches its
-host pid and uid (``SCM_CREDENTIALS``), the service checks the uid, opens a pidfd and moves the
-pid into the execution's cgroups, and the guest waits in the pool. ``spawn`` hands it the
-channel, stdout and stderr over ``SCM_RIGHTS``; nothing on the request path starts a process.
+bwrap backend; only its control socket open. It then makes its stdout and stderr pipes and
+sends one byte with their read ends (``SCM_RIGHTS``): the kernel attaches its host pid and uid
+(``SCM_CREDENTIALS``), the service checks the uid, opens a pidfd and moves the pid into the
+execution's cgroups, and the guest waits in the pool. ``acquire`` hands the control socket (now
+the channel) and the read ends to the execution, which only writes the start frame; ``spawn``
+instead sends the guest a channel, stdout and stderr of the caller's. Nothing on the request
+path starts a process or makes a descriptor.
 
 The guest is pid 1 of its namespace, so :meth:`GuestProcess.kill` is one ``SIGKILL`` through
 its pidfd and takes every process of the execution along. The zygote reaps it and reports the
@@ -58,6 +61,7 @@ from codemode.executor.sandbox import (
     GuestExit,
     GuestFds,
     GuestProcess,
+    ReadyGuest,
     SandboxBackend,
 )
 
@@ -75,6 +79,8 @@ _CRASH_WINDOW_S = 5.0
 _MAX_QUICK_CRASHES = 3
 _READY_TIMEOUT_S = 10.0
 _CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+#: Ancillary room for the ready byte: the sender's credentials and its two pipe read ends.
+_READY_ANCILLARY = socket.CMSG_SPACE(_CRED.size) + socket.CMSG_SPACE(2 * 4)
 
 
 class _Zygote:
@@ -434,7 +440,8 @@ class ForkServerBackend(SandboxBackend):
 
     # -- guests --------------------------------------------------------------------------
 
-    async def spawn(self, fds: GuestFds) -> GuestProcess:
+    async def _take(self) -> _ForkGuest:
+        """A ready guest: from the pool, else forked now; it waits for its first request."""
         if self._closed:
             raise RuntimeError("backend is closed")
         if not self._started:
@@ -449,6 +456,22 @@ class ForkServerBackend(SandboxBackend):
                 except (SandboxUnavailable, OSError) as exc:
                     logger.warning("a forked guest did not start: %s", exc)
                     continue
+            if guest._usable():
+                return guest
+            guest.kill()
+        raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
+
+    async def acquire(self) -> ReadyGuest:
+        """A pooled guest with its channel and output pipes, made before the request came."""
+        for _ in range(3):
+            ready = (await self._take())._take_streams()
+            if ready is not None:
+                return ready
+        raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
+
+    async def spawn(self, fds: GuestFds) -> GuestProcess:
+        for _ in range(3):
+            guest = await self._take()
             if guest._hand_over(fds):
                 return guest
             guest.kill()
@@ -585,6 +608,8 @@ class _ForkGuest(GuestProcess):
         self._control: socket.socket | None = control
         self._pidfd: int | None = None
         self._group: cgroups.ExecutionCgroup | None = None
+        #: Read ends of the guest's stdout and stderr pipes, from its ready message.
+        self._streams: list[int] = []
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = loop.create_future()
         self._status: asyncio.Future[int | None] = loop.create_future()
@@ -596,28 +621,36 @@ class _ForkGuest(GuestProcess):
     # -- start ---------------------------------------------------------------------------
 
     def _on_control(self) -> None:
-        """The guest's one byte after its set-up: learn its host pid from the kernel."""
+        """The guest's ready byte: its host pid and uid from the kernel, its pipes' read ends."""
         control = self._control
         if control is None:
             return
         try:
-            data, ancdata, _, _ = control.recvmsg(1, socket.CMSG_SPACE(_CRED.size))
+            data, ancdata, flags, _ = control.recvmsg(1, _READY_ANCILLARY)
         except BlockingIOError:
             return
         except OSError:
-            data, ancdata = b"", []
+            data, ancdata, flags = b"", [], 0
         asyncio.get_running_loop().remove_reader(control.fileno())
         pid = uid = None
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid, uid, _ = _CRED.unpack(payload[: _CRED.size])
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                self._streams += struct.unpack(f"{usable // 4}i", payload[:usable])
         if data != b"R" or pid is None or pid <= 0:
             self._not_ready("the guest ended during its set-up")
             return
         if uid != self.uid:
             self._not_ready(f"the guest runs as uid {uid}, not {self.uid}")
             return
+        if len(self._streams) != 2 or flags & socket.MSG_CTRUNC:
+            self._not_ready("the guest sent no output pipes")
+            return
         try:
+            # From here on the socket is the guest's channel: no credentials on its frames.
+            control.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
             self._pidfd = os.pidfd_open(pid)
         except OSError as exc:
             self._not_ready(f"pidfd_open: {exc}")
@@ -657,9 +690,26 @@ class _ForkGuest(GuestProcess):
         if not self._ready.done():
             self._not_ready("the guest exited during its set-up")
 
-    def _hand_over(self, fds: GuestFds) -> bool:
+    def _usable(self) -> bool:
+        return self._control is not None and not self._kill_requested and not self._status.done()
+
+    def _take_streams(self) -> ReadyGuest | None:
+        """Give the caller the channel and the pipes' read ends (it closes them)."""
         control = self._control
-        if control is None or self._kill_requested or self._status.done():
+        if control is None or not self._usable() or len(self._streams) != 2:
+            return None
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(control.fileno())
+        self._control = None
+        out_r, err_r = self._streams
+        self._streams = []
+        self._handed_over = True
+        return ReadyGuest(self, control, out_r, err_r)
+
+    def _hand_over(self, fds: GuestFds) -> bool:
+        """Send the guest a channel, stdout and stderr of the caller's instead of its own."""
+        control = self._control
+        if control is None or not self._usable():
             return False
         try:
             control.setblocking(True)
@@ -677,6 +727,9 @@ class _ForkGuest(GuestProcess):
                 asyncio.get_running_loop().remove_reader(self._control.fileno())
             self._control.close()
             self._control = None
+        for fd in self._streams:
+            os.close(fd)
+        self._streams = []
 
     # -- end -----------------------------------------------------------------------------
 

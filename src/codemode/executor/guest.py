@@ -104,10 +104,11 @@ def parse_header(raw: bytes) -> dict[str, Any]:
 class Channel:
     """Blocking, thread-safe frame I/O on the inherited socket."""
 
-    def __init__(self, fd: int, max_payload: int) -> None:
+    def __init__(self, fd: int, max_payload: int, prefix: bytes = b"") -> None:
         self._sock = socket.socket(fileno=fd)
         self._send_lock = threading.Lock()
         self.max_payload = max_payload
+        self._prefix = prefix  # bytes already read off the socket by whoever passed it on
 
     def send(self, header: Mapping[str, Any], payload: bytes = b"") -> None:
         data = encode_frame(header, payload)
@@ -115,7 +116,8 @@ class Channel:
             self._sock.sendall(data)
 
     def _read_exactly(self, n: int) -> bytes:
-        buf = bytearray()
+        buf = bytearray(self._prefix[:n])
+        self._prefix = self._prefix[n:]
         while len(buf) < n:
             chunk = self._sock.recv(min(n - len(buf), 1 << 20))
             if not chunk:
@@ -484,10 +486,13 @@ def _encode_result(namespace: Mapping[str, Any], max_bytes: int) -> tuple[dict[s
     return {"t": "done", "ok": True}, payload
 
 
-def serve_one(channel_fd: int) -> int:
-    """Run one execution on ``channel_fd``: read the start frame, run, report, return."""
+def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
+    """Run one execution on ``channel_fd``: read the start frame, run, report, return.
+
+    ``prefix``: the first bytes of the channel, when the caller has already read them.
+    """
     # The start frame carries the code; its size is bounded by the service before sending.
-    channel = Channel(channel_fd, max_payload=64 << 20)
+    channel = Channel(channel_fd, max_payload=64 << 20, prefix=prefix)
     header, payload = channel.recv()
     if header["t"] != "start":
         raise ProtocolError("first frame must be start")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,19 @@ class GuestProcess(abc.ABC):
         """Kill every process of this execution at once. Safe to call more than once."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReadyGuest:
+    """A guest already waiting for its start frame on ``channel``, from :meth:`acquire`.
+
+    The caller owns ``channel`` and the read ends ``stdout`` and ``stderr`` of its output pipes.
+    """
+
+    process: GuestProcess
+    channel: socket.socket
+    stdout: int
+    stderr: int
+
+
 class SandboxBackend(abc.ABC):
     """Starts guests. ``start`` may warm a pool; ``close`` must leave nothing running."""
 
@@ -83,6 +97,10 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     async def spawn(self, fds: GuestFds) -> GuestProcess:
         """Start one guest with ``fds`` open in it; the caller closes its copies afterwards."""
+
+    async def acquire(self) -> ReadyGuest | None:
+        """A guest whose channel and pipes were set up ahead, or None (then use ``spawn``)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Stop the backend and everything it started. Default: nothing."""

@@ -20,9 +20,11 @@ of the program:
    inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
    re-arms ``PR_SET_PDEATHSIG`` and installs the seccomp filter (BPF compiled by the service,
    passed in once at start-up);
-4. writes one byte on its control socket: the service reads the child's host pid and uid from
-   the kernel's ``SCM_CREDENTIALS``, puts it in its cgroups, and later sends it its channel,
-   stdout and stderr (:func:`guest.receive_fds`); the child then runs :func:`guest.serve_one`.
+4. makes its stdout and stderr pipes and writes one byte on its control socket with their read
+   ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``,
+   puts it in its cgroups and keeps the read ends; a request then only writes the start frame
+   on the control socket, which is the channel (or sends a channel, stdout and stderr of its
+   own); the child then runs :func:`guest.serve_one`.
 
 The zygote reaps its children and reports each exit status to the service. It is pid 1 of its
 own pid namespace: if it dies, the kernel kills every process in that namespace, every guest
@@ -210,6 +212,58 @@ def _drop_privileges(uid: int, config: Config) -> None:
         )
 
 
+def _ready_streams() -> tuple[int, int]:
+    """Make the output pipes and report ready with their read ends; return the write ends.
+
+    The one ``R`` byte carries the read ends (``SCM_RIGHTS``) and, from the kernel, this
+    process's host pid and uid (``SCM_CREDENTIALS``): the service checks the uid, and needs
+    no descriptor work of its own when a request comes. stdout and stderr stay ``/dev/null``
+    until then.
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    control = socket.socket(fileno=CHILD_CONTROL_FD)
+    try:
+        socket.send_fds(control, [b"R"], [out_r, err_r])
+    finally:
+        control.detach()
+    os.close(out_r)
+    os.close(err_r)
+    return out_w, err_w
+
+
+def _await_request(out_w: int, err_w: int) -> tuple[int, bytes]:
+    """Wait for the first byte on the control socket: (channel fd, bytes already read).
+
+    Either the service writes the start frame on it (it is the channel then, and ``out_w`` and
+    ``err_w`` become stdout and stderr; a frame's first byte is 0, headers being smaller than
+    16 MiB), or it sends ``F`` with a channel, stdout and stderr of its own (``SCM_RIGHTS``,
+    :meth:`ForkServerBackend.spawn`).
+    """
+    control = socket.socket(fileno=CHILD_CONTROL_FD)
+    try:
+        data, fds, _, _ = socket.recv_fds(control, 1, 3)
+    finally:
+        control.detach()
+    if not fds:
+        if not data:
+            raise EOFError("the service closed the channel")
+        channel, out, err = CHILD_CONTROL_FD, out_w, err_w
+    elif data == b"F" and len(fds) == 3:
+        channel, out, err = fds
+        os.close(out_w)
+        os.close(err_w)
+        os.close(CHILD_CONTROL_FD)
+        data = b""
+    else:
+        raise EOFError("unexpected descriptors")
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    return channel, data
+
+
 def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
     """Everything between the fork and the program; never returns."""
     code = EXIT_SETUP_FAILED
@@ -219,11 +273,11 @@ def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
         _keep_only_control(control_fd, devnull)
         _fresh_mounts(config.tmpfs_bytes)
         _drop_privileges(uid, config)
-        os.write(CHILD_CONTROL_FD, b"R")  # the service reads our pid and uid off this byte
+        out_w, err_w = _ready_streams()
         code = EXIT_NO_FDS
-        channel = _guest.receive_fds(CHILD_CONTROL_FD)
+        channel, prefix = _await_request(out_w, err_w)
         code = 0
-        _guest.serve_one(channel)
+        _guest.serve_one(channel, prefix)
     except BaseException:  # the exit code is the report
         os._exit(code or EXIT_SETUP_FAILED)
     # As the one-shot guest: no interpreter teardown, the service kills the tree anyway.
