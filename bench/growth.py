@@ -15,7 +15,8 @@ median of a bounded number of runs, after one warm-up run of the same program. S
   accepts 4 MB);
 - ``output_size``: a program writing N bytes to stdout, up to the output limit (1 MiB);
 - ``result_size``: ``result`` a string whose JSON is N bytes, up to the result limit (4 MiB);
-- ``tool_calls``: N sequential ``tools.echo(x=i)`` calls in one execution (total and per call);
+- ``tool_calls``: N sequential ``tools.echo(x=i)`` calls in one execution (total, and per call:
+  (median with N calls - median of the same loop with 0 calls) / N);
 - ``tool_arg_size``: one ``tools.echo(x=s)`` with ``s`` N bytes (echoed back, so N each way);
 - ``concurrency``: ``result = sum(range(1000))`` with K in flight from one client (throughput,
   p50, p99).
@@ -47,10 +48,10 @@ FULL: dict[str, Any] = {
     "tool_calls": [1, 10, 100, 1000, 10000],
     "tool_arg_sizes": [1 * KIB, 16 * KIB, 256 * KIB, 1 * MIB],
     "concurrency": [1, 2, 4, 8, 16, 32, 64],
-    "concurrency_n": 320,
-    "reps": 9,
+    "concurrency_n": 400,
+    "reps": 15,
     "reps_slow": 3,
-    "point_budget_s": 6.0,
+    "point_budget_s": 8.0,
 }
 SMOKE: dict[str, Any] = {
     "code_sizes": [1 * KIB, 4 * KIB],
@@ -239,14 +240,14 @@ async def growth(args: argparse.Namespace) -> dict[str, Any]:
             )
 
             print("tool calls ...", flush=True)
+            empty = await r.point(code_tool_calls(0), _expect_value(0), sizes["reps"] * 2)
+            print(f"  calls      0: p50 {empty['p50_ms']:9.2f} ms", flush=True)
             points = []
             for calls in sizes["tool_calls"]:
                 reps = sizes["reps_slow"] if calls >= 1000 else sizes["reps"]
                 point = await r.point(code_tool_calls(calls), _expect_value(calls), reps)
                 point["calls"] = calls
-                point["per_call_ms"] = round(
-                    max(0.0, point["p50_ms"] - trivial["p50_ms"]) / calls, 4
-                )
+                point["per_call_ms"] = round(max(0.0, point["p50_ms"] - empty["p50_ms"]) / calls, 4)
                 print(
                     f"  calls {calls:>6}: p50 {point['p50_ms']:9.2f} ms, "
                     f"{point['per_call_ms']:.3f} ms/call",
@@ -254,6 +255,7 @@ async def growth(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 points.append(point)
             out["tool_calls"] = points
+            out["tool_calls_empty"] = {"calls": 0, **empty}
 
             print("tool argument size ...", flush=True)
             out["tool_arg_size"] = await series_sized(
