@@ -359,6 +359,21 @@ async def test_memory_limit_is_reported(backend: ForkServerBackend) -> None:
         assert out.done["type"] == "MemoryLimit"
 
 
+async def test_reused_cgroups_report_only_their_own_limit_hits(
+    backend: ForkServerBackend,
+) -> None:
+    """Emptied cgroups serve later guests: an earlier guest's OOM kill is not theirs."""
+    bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))\n"
+    for _ in range(2):
+        await run(backend, bomb, kill_after=20)
+    for _ in range(2 * (backend.pool_size + 2)):
+        out = await run(backend, "import os\nos._exit(3)\n", kill_after=20)
+        assert out.done is None
+        assert out.exit.returncode == 3
+        assert not out.exit.memory_exceeded
+        assert not out.exit.pids_exceeded
+
+
 async def test_guest_rlimits_from_start_frame(backend: ForkServerBackend) -> None:
     code = "while True: pass"
     out = await run(backend, code, {"cpu_seconds": 1}, kill_after=15)

@@ -157,6 +157,43 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return out
 
 
+def _read_small(path: str) -> str | None:
+    """A small cgroup file's text (one read, no pathlib: these are read per execution)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_counter(where: tuple[str, str] | None) -> int:
+    """A counter: the value of line ``key`` of a keyed file, or a file's one number."""
+    if where is None:
+        return 0
+    path, key = where
+    text = _read_small(path)
+    if not text:
+        return 0
+    if not key:
+        try:
+            return int(text.strip())
+        except ValueError:
+            return 0
+    prefix = key + " "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            try:
+                return int(line[len(prefix) :].strip())
+            except ValueError:
+                return 0
+    return 0
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip())
@@ -299,7 +336,11 @@ class BackendCgroups:
         Returns True when the group was taken back (or removed). Kept groups are empty: a
         process can only enter one by a write to its ``cgroup.procs`` from outside the sandbox.
         """
-        if group.pids():
+        empty = group.is_empty()
+        if empty is None:  # gone from under us: not reusable
+            group.remove_now()
+            return True
+        if not empty:
             group.kill_all()
             return False
         if len(self._free) >= MAX_FREE_GROUPS:
@@ -327,37 +368,53 @@ class ExecutionCgroup:
         self._groups = groups
         #: (memory, pids) limit events counted before the current execution (see ``rebase``).
         self._baseline = (0, 0)
-
-    def _memory_events(self) -> int:
-        entry = self._groups.get("memory")
-        if entry is None:
-            return 0
-        path, version = entry
-        if version == 2:
-            return _read_keyed(path / "memory.events").get("oom_kill", 0)
-        oom = _read_keyed(path / "memory.oom_control")
-        if "oom_kill" in oom:
-            return oom["oom_kill"]
-        return _read_int(path / "memory.failcnt")
-
-    def _pids_events(self) -> int:
-        entry = self._groups.get("pids")
-        if entry is None:
-            return 0
-        return _read_keyed(entry[0] / "pids.events").get("max", 0)
-
-    def exceeded(self) -> tuple[bool, bool]:
-        """(memory, pids): whether the current execution hit each limit."""
-        memory, pids = self._memory_events(), self._pids_events()
-        return memory > self._baseline[0], pids > self._baseline[1]
-
-    def rebase(self) -> None:
-        """Count from now on: the next execution in this group starts with no limit hit."""
-        self._baseline = (self._memory_events(), self._pids_events())
+        #: The counters as last read by :meth:`exceeded`.
+        self._seen: tuple[int, int] | None = None
+        # Where the counters are: (file, key or "" for a plain number), as strings (read often).
+        self._memory_counter: tuple[str, str] | None = None
+        memory = groups.get("memory")
+        if memory is not None:
+            path, version = memory
+            if version == 2:
+                self._memory_counter = (str(path / "memory.events"), "oom_kill")
+            elif _read_keyed(path / "memory.oom_control").get("oom_kill") is not None:
+                self._memory_counter = (str(path / "memory.oom_control"), "oom_kill")
+            else:
+                self._memory_counter = (str(path / "memory.failcnt"), "")
+        pids = groups.get("pids")
+        self._pids_counter = (str(pids[0] / "pids.events"), "max") if pids is not None else None
+        self._procs_files = [str(path / "cgroup.procs") for path, _ in groups.values()]
 
     @property
     def procs_files(self) -> list[str]:
-        return [str(path / "cgroup.procs") for path, _ in self._groups.values()]
+        return list(self._procs_files)
+
+    def _counters(self) -> tuple[int, int]:
+        return _read_counter(self._memory_counter), _read_counter(self._pids_counter)
+
+    def exceeded(self) -> tuple[bool, bool]:
+        """(memory, pids): whether the current execution hit each limit."""
+        memory, pids = self._seen = self._counters()
+        return memory > self._baseline[0], pids > self._baseline[1]
+
+    def rebase(self) -> None:
+        """Count from now on: the next execution in this group starts with no limit hit.
+
+        Called once the group is empty; the counters then cannot have moved since
+        :meth:`exceeded` read them after the guest's end, so that reading is reused.
+        """
+        self._baseline = self._seen if self._seen is not None else self._counters()
+        self._seen = None
+
+    def is_empty(self) -> bool | None:
+        """No process in any of the groups; None when one cannot be read (removed)."""
+        empty = True
+        for procs in self._procs_files:
+            text = _read_small(procs)
+            if text is None:
+                return None
+            empty = empty and not text.strip()
+        return empty
 
     def memory_exceeded(self) -> bool:
         entry = self._groups.get("memory")
