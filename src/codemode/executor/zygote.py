@@ -29,8 +29,8 @@ of the program:
 The zygote reaps its children and reports each exit status to the service. It is pid 1 of its
 own pid namespace: if it dies, the kernel kills every process in that namespace, every guest
 included. Messages, each one datagram: service to zygote ``F{"id","uid"}`` + 1 fd, and
-``K{"id"}``; zygote to service ``S{"id","pid"}``, ``X{"id","status"}`` (a wait status) and
-``E{"id","error"}``.
+``K{"id"}``; zygote to service ``S{"id":0,"pid"}`` (the zygote is ready), ``X{"id","status"}``
+(a wait status) and ``E{"id","error"}``.
 """
 
 from __future__ import annotations
@@ -315,8 +315,7 @@ class Zygote:
             child_main(control_fd, uid, self.config, self.devnull)
         _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
         os.close(control_fd)
-        self.children[pid] = request
-        self.send(b"S", {"id": request, "pid": pid})
+        self.children[pid] = request  # the child reports itself (its ready byte)
 
     def reap(self) -> None:
         while True:
