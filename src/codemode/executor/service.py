@@ -30,6 +30,8 @@ logger = logging.getLogger("codemode.executor")
 
 #: How long a client may take to send the start frame after opening the stream, seconds.
 START_FRAME_TIMEOUT_S = 10.0
+#: How long a refused call may take to deliver its first message, seconds.
+REJECT_READ_TIMEOUT_S = 1.0
 _UNAUTHENTICATED_PATHS_PREFIX = "/grpc.health.v1.Health/"
 
 
@@ -61,7 +63,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         return _REJECT
 
 
-async def _reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+async def _reject(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    # Take the first message before refusing: a refusal racing the client's first write makes
+    # grpc reset the stream, and the client then sees INTERNAL instead of UNAUTHENTICATED.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(anext(aiter(requests)), REJECT_READ_TIMEOUT_S)
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)"
     )
