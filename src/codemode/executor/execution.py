@@ -186,6 +186,80 @@ def describe_exit(exit: GuestExit, limits: LimitsConfig) -> LimitHit:
     )
 
 
+class _GuestRelay:
+    """Reads the guest's frames until its outcome, answering each tool call in its own task.
+
+    Calls to tools the request did not declare are answered "not available" here: a forged
+    call frame never reaches the application.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        declared: frozenset[str],
+        call_tool: ToolCaller,
+        limits: LimitsConfig,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._declared = declared
+        self._call_tool = call_tool
+        self._limits = limits
+        self._pending: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()
+        self.tool_calls = 0
+
+    async def run(self) -> _Outcome:
+        """Relay until the done frame; raises LimitHit or ProtocolError on a misbehaving guest."""
+        max_result = self._limits.max_result_bytes
+        max_payload = max(max_result, MAX_ARGUMENT_BYTES)
+        while True:
+            head, payload = await _read_frame(self._reader, max_payload)
+            if head["t"] == "done":
+                if len(payload) > max_result:
+                    raise LimitHit(
+                        "ResultTooLarge", f"result is {len(payload)} bytes; limit {max_result}"
+                    )
+                return _Outcome(head, payload)
+            if head["t"] != "call":
+                raise ProtocolError(f"unexpected frame {head['t']!r} from the program")
+            self.tool_calls += 1
+            if len(self._pending) >= MAX_PENDING_TOOL_CALLS:
+                raise LimitHit(
+                    "ToolCallLimit",
+                    f"more than {MAX_PENDING_TOOL_CALLS} tool calls waiting at once",
+                )
+            task = asyncio.create_task(
+                self._answer(str(head.get("id")), str(head.get("tool")), payload)
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def cancel_calls(self) -> None:
+        """Stop waiting for tool calls still in flight."""
+        for task in self._pending:
+            task.cancel()
+
+    async def _answer(self, call_id: str, tool: str, arguments: bytes) -> None:
+        if tool not in self._declared:
+            reply: tuple[bool, bytes, str, str] = (
+                False,
+                b"",
+                "AttributeError",
+                f"tool {tool!r} is not available to this program",
+            )
+        else:
+            reply = await self._call_tool(tool, arguments)
+        ok, value, error_type, message = reply
+        head = {"t": "reply", "id": call_id, "ok": ok}
+        if not ok:
+            head.update(type=error_type, message=message)
+        async with self._write_lock:
+            self._writer.write(encode_frame(head, value if ok else b""))
+            await self._writer.drain()
+
+
 async def run_execution(
     *,
     backend: SandboxBackend,
@@ -214,7 +288,6 @@ async def run_execution(
     tasks: list[asyncio.Task[Any]] = []
     writer: asyncio.StreamWriter | None = None
     outputs: list[_Output] = []
-    tool_calls = 0
     try:
         if guest is None:
             try:
@@ -258,56 +331,8 @@ async def run_execution(
         writer.write(encode_frame(header, code.encode()))
         await writer.drain()
 
-        pending: set[asyncio.Task[None]] = set()
-        write_lock = asyncio.Lock()
-        declared = frozenset(tools)
-        chan_writer = writer
-
-        async def answer(call_id: str, tool: str, arguments: bytes) -> None:
-            if tool not in declared:
-                reply: tuple[bool, bytes, str, str] = (
-                    False,
-                    b"",
-                    "AttributeError",
-                    f"tool {tool!r} is not available to this program",
-                )
-            else:
-                reply = await call_tool(tool, arguments)
-            ok, value, error_type, message = reply
-            head = {"t": "reply", "id": call_id, "ok": ok}
-            if not ok:
-                head.update(type=error_type, message=message)
-            async with write_lock:
-                chan_writer.write(encode_frame(head, value if ok else b""))
-                await chan_writer.drain()
-
-        async def relay() -> _Outcome:
-            nonlocal tool_calls
-            max_payload = max(limits.max_result_bytes, MAX_ARGUMENT_BYTES)
-            while True:
-                head, payload = await _read_frame(chan_reader, max_payload)
-                if head["t"] == "done":
-                    if len(payload) > limits.max_result_bytes:
-                        raise LimitHit(
-                            "ResultTooLarge",
-                            f"result is {len(payload)} bytes; limit {limits.max_result_bytes}",
-                        )
-                    return _Outcome(head, payload)
-                if head["t"] != "call":
-                    raise ProtocolError(f"unexpected frame {head['t']!r} from the program")
-                tool_calls += 1
-                if len(pending) >= MAX_PENDING_TOOL_CALLS:
-                    raise LimitHit(
-                        "ToolCallLimit",
-                        f"more than {MAX_PENDING_TOOL_CALLS} tool calls waiting at once",
-                    )
-                task = asyncio.create_task(
-                    answer(str(head.get("id")), str(head.get("tool")), payload)
-                )
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-
-        relay_task = asyncio.create_task(relay())
+        relay = _GuestRelay(chan_reader, writer, frozenset(tools), call_tool, limits)
+        relay_task = asyncio.create_task(relay.run())
         exit_task = asyncio.create_task(guest.wait())
         tasks += [relay_task, exit_task]
         try:
@@ -332,8 +357,7 @@ async def run_execution(
             outcome_or_error = LimitHit(
                 "Timeout", f"the program ran longer than its {timeout:g} s time limit"
             )
-        for task in pending:
-            task.cancel()
+        relay.cancel_calls()
         guest.kill()
         if isinstance(outcome_or_error, asyncio.IncompleteReadError | ConnectionError):
             outcome_or_error = describe_exit(await guest.wait(), limits)
@@ -350,7 +374,7 @@ async def run_execution(
             outputs,
             duration_ms=(time.perf_counter() - started) * 1000,
             correlation_id=correlation_id,
-            tool_calls=tool_calls,
+            tool_calls=relay.tool_calls,
         )
     finally:
         for task in tasks:
