@@ -41,10 +41,10 @@ import signal
 import socket
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from codemode.executor import cgroups, seccomp
 from codemode.executor.sandbox import (
@@ -213,31 +213,176 @@ def discover_runtime(executable: str | None = None) -> RuntimeLayout:
 
 
 # --------------------------------------------------------------------------------------------
-# The backend
+# What the bubblewrap-based backends (this one and the fork server) share
 
 
-@dataclass(slots=True)
-class _Running:
-    guest: _BwrapGuest
-    finished: asyncio.Task[GuestExit] = field(repr=False)
+def _bwrap_namespaces(bwrap: str) -> list[str]:
+    """bwrap's options for fresh namespaces, a session of its own and a clean environment."""
+    return [
+        bwrap,
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "codemode",
+        "--die-with-parent",
+        "--new-session",
+        "--as-pid-1",
+        "--clearenv",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+    ]
 
 
-class BwrapBackend(SandboxBackend):
-    """A bubblewrap sandbox per execution, as a non-root uid, with seccomp and cgroup limits."""
+def _bwrap_runtime(layout: RuntimeLayout) -> list[str]:
+    """bwrap's options for the read-only runtime file system, guest.py included."""
+    argv: list[str] = []
+    for directory in layout.dirs:
+        argv += ["--perms", "0755", "--dir", directory]
+    for path in layout.binds:
+        argv += ["--ro-bind", path, path]
+    for dest, target in layout.symlinks:
+        argv += ["--symlink", target, dest]
+    for mask in layout.masks:
+        argv += ["--perms", "0555", "--size", "4096", "--tmpfs", mask, "--remount-ro", mask]
+    argv += ["--ro-bind", str(GUEST_PATH.resolve()), GUEST_MOUNT]
+    return argv
 
-    name = "bwrap"
+
+async def _start_bwrap(
+    argv: Callable[[int | None, int], list[str]],
+    pass_fds: Sequence[int],
+    seccomp_bpf: bytes | None,
+    *,
+    stderr: int,
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Start ``argv(seccomp_fd, info_fd)`` with the seccomp filter and bwrap's info fd on pipes.
+
+    Returns the process and the (non-blocking) read end of the info pipe, which the caller
+    closes; every other descriptor made here is closed, also when the start fails.
+    """
+    opened: list[int] = []
+    try:
+        seccomp_fd: int | None = None
+        if seccomp_bpf is not None:
+            seccomp_fd, seccomp_w = os.pipe()
+            opened.append(seccomp_fd)
+            try:
+                os.write(seccomp_w, seccomp_bpf)  # far below a pipe's capacity
+            finally:
+                os.close(seccomp_w)
+        info_r, info_w = os.pipe()
+        opened += [info_r, info_w]
+        os.set_blocking(info_r, False)
+        passed = [*pass_fds, info_w] + ([seccomp_fd] if seccomp_fd is not None else [])
+        proc = await asyncio.create_subprocess_exec(
+            *argv(seccomp_fd, info_w),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=passed,
+            env={"LANG": "C.UTF-8"},
+            cwd="/",
+        )
+    except BaseException:
+        for fd in opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    for fd in opened:
+        if fd != info_r:
+            os.close(fd)
+    return proc, info_r
+
+
+async def _child_pidfd(
+    info_r: int, proc: asyncio.subprocess.Process
+) -> tuple[int | None, int | None]:
+    """bwrap's child's host pid (from the info pipe, closed here) and a pidfd on it, or Nones."""
+    try:
+        pid = await _read_child_pid(info_r, proc)
+    finally:
+        os.close(info_r)
+    pidfd: int | None = None
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+    return pid, pidfd
+
+
+def _pidfd_kill(pidfd: int) -> bool:
+    """``SIGKILL`` through a pidfd (it cannot hit a reused pid); False if it could not be sent."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        return False
+    return True
+
+
+def _guest_exit(code: int, memory: bool, pids: bool) -> GuestExit:
+    """A guest's end from its exit code (negative: the signal that killed it)."""
+    if code < 0:
+        return GuestExit(None, signal=-code, memory_exceeded=memory, pids_exceeded=pids)
+    return GuestExit(code, memory_exceeded=memory, pids_exceeded=pids)
+
+
+class _HostGuest(GuestProcess):
+    """A guest in a sandbox of its own, as a host uid of its own, killed through a pidfd."""
+
+    #: The host uid (and gid) the guest runs as; no other live guest has it.
+    uid: int
+    _control: socket.socket | None
+    _pidfd: int | None
+    _kill_requested: bool
+    _exited: asyncio.Future[GuestExit]
+
+    def _close_control(self) -> None:
+        raise NotImplementedError
+
+    def _send_fds(self, control: socket.socket, fds: GuestFds) -> bool:
+        """Send the waiting guest its channel, stdout and stderr; False if it is gone."""
+        try:
+            control.setblocking(True)
+            socket.send_fds(control, [b"F"], [fds.channel, fds.stdout, fds.stderr])
+        except OSError:
+            return False
+        finally:
+            self._close_control()
+        return True
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait(self) -> GuestExit:
+        return await asyncio.shield(self._exited)
+
+
+_G = TypeVar("_G", bound=_HostGuest)
+
+
+class _HostSandboxBackend(SandboxBackend, Generic[_G]):
+    """A bubblewrap-based backend: root on the host, one non-root uid per live guest, the
+    seccomp filter, cgroup limits where the host has the controllers, a pool of guests."""
+
     isolated = True
+    #: Why the backend must run as root, for the error when it does not.
+    _needs_root = ""
 
     def __init__(
         self,
-        limits: LimitsLike | None = None,
+        limits: LimitsLike | None,
         *,
-        uid_base: int = DEFAULT_UID_BASE,
-        uid_count: int = DEFAULT_UID_COUNT,
-        bwrap: str | None = None,
-        require_seccomp: bool = True,
-        require_cgroups: bool = False,
-        pool_size: int = DEFAULT_POOL_SIZE,
+        uid_base: int,
+        uid_count: int,
+        bwrap: str | None,
+        require_seccomp: bool,
+        require_cgroups: bool,
+        pool_size: int,
     ) -> None:
         if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
             raise ValueError("uid_base/uid_count must name a range of non-root uids")
@@ -247,18 +392,17 @@ class BwrapBackend(SandboxBackend):
         self._bwrap = bwrap
         self.require_seccomp = require_seccomp
         self.require_cgroups = require_cgroups
+        self.pool_size = max(0, pool_size)
         self.layout: RuntimeLayout | None = None
         self.cgroup_support: cgroups.CgroupSupport | None = None
         self._cgroups: cgroups.BackendCgroups | None = None
+        self._missing_controllers: list[str] = []
         self._seccomp_bpf: bytes | None = None
         self.seccomp_problem: str | None = None
-        self._argv_head: list[str] = []
-        self._launcher = ""
+        self._bwrap_path = ""
         self._uids_in_use: set[int] = set()
         self._uid_cursor = 0
-        self._running: dict[int, _Running] = {}
-        self.pool_size = max(0, pool_size)
-        self._pool: collections.deque[_BwrapGuest] = collections.deque()
+        self._pool: collections.deque[_G] = collections.deque()
         self._refill_task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -273,18 +417,21 @@ class BwrapBackend(SandboxBackend):
             if self._closed:
                 raise RuntimeError("backend is closed")
             await asyncio.to_thread(self._prepare)
+            await self._warm_up()
             self._started = True
             self._schedule_refill()
 
+    async def _warm_up(self) -> None:
+        """What starts once the host is prepared, before the first guest. Default: nothing."""
+
     def _prepare(self) -> None:
+        """Check the host and lay out what every sandbox needs (in a thread: it runs ldd)."""
         if os.geteuid() != 0:
-            raise SandboxUnavailable(
-                "the bwrap backend starts sandboxes as root and drops each to its own uid; "
-                "run the service as root (or use another backend)"
-            )
+            raise SandboxUnavailable(self._needs_root)
         bwrap = self._bwrap or shutil.which("bwrap")
         if bwrap is None:
             raise SandboxUnavailable("bwrap is missing (Debian package bubblewrap)")
+        self._bwrap_path = bwrap
         self.layout = discover_runtime()
         try:
             self._seccomp_bpf = seccomp.build_filter_bpf()
@@ -294,8 +441,8 @@ class BwrapBackend(SandboxBackend):
                 raise SandboxUnavailable(str(exc)) from None
         support = cgroups.discover()
         self.cgroup_support = support
-        missing = [c for c in cgroups.CONTROLLERS if not support.has(c)]
-        if missing and self.require_cgroups:
+        self._missing_controllers = [c for c in cgroups.CONTROLLERS if not support.has(c)]
+        if self._missing_controllers and self.require_cgroups:
             raise SandboxUnavailable(
                 "cgroup controllers unavailable: " + "; ".join(support.problems)
             )
@@ -303,37 +450,126 @@ class BwrapBackend(SandboxBackend):
             cgroups.sweep_stale(support)
             self._cgroups = cgroups.BackendCgroups(support)
             self._cgroups.create()
-        self._argv_head = self._build_argv_head(bwrap, self.layout)
-        self._launcher = self._build_launcher(missing)
+        self._prepared(bwrap, self.layout)
+
+    def _prepared(self, bwrap: str, layout: RuntimeLayout) -> None:
+        """Build what depends on the prepared host (still in the thread). Default: nothing."""
+
+    # -- uids ----------------------------------------------------------------------------
+
+    def _take_uid(self) -> int:
+        """The next uid of the range not in use, round robin: a uid is reused as late as can be."""
+        for _ in range(self.uid_count):
+            uid = self.uid_base + self._uid_cursor
+            self._uid_cursor = (self._uid_cursor + 1) % self.uid_count
+            if uid not in self._uids_in_use:
+                self._uids_in_use.add(uid)
+                return uid
+        raise SandboxUnavailable(f"all {self.uid_count} sandbox uids are in use")
+
+    def _give_uid(self, uid: int) -> None:
+        self._uids_in_use.discard(uid)
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _schedule_refill(self) -> None:
+        if self.pool_size <= 0 or self._closed:
+            return
+        if self._refill_task is None or self._refill_task.done():
+            self._refill_task = asyncio.ensure_future(self._refill())
+
+    async def _refill(self) -> None:
+        raise NotImplementedError
+
+    # -- the end -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refill_task is not None:
+            # Not cancelled: a launch cut short could leave a process nobody supervises. The
+            # task stops after its current launch and kills what that launch started.
+            with contextlib.suppress(Exception):
+                await self._refill_task
+        self._pool.clear()
+        await self._stop_guests()
+        if self._cgroups is not None:
+            for _ in range(500):
+                if self._cgroups.remove():
+                    break
+                await asyncio.sleep(0.002)
+            else:
+                logger.warning("could not remove the sandbox cgroups of this backend")
+            self._cgroups = None
+
+    async def _stop_guests(self) -> None:
+        """Kill every guest still alive and wait until each is cleaned up."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        """What this backend enforces on this host, for logs and ``codemode doctor``."""
+        support = self.cgroup_support
+        controllers = sorted(support.sites) if support else []
+        return {
+            "backend": self.name,
+            "uids": f"{self.uid_base}..{self.uid_base + self.uid_count - 1}",
+            "seccomp": "on" if self._seccomp_bpf else f"OFF ({self.seccomp_problem})",
+            "cgroups": ", ".join(controllers) or "none (rlimits only)",
+            "cgroup_problems": "; ".join(support.problems) if support else "",
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+
+
+@dataclass(slots=True)
+class _Running:
+    guest: _BwrapGuest
+    finished: asyncio.Task[GuestExit] = field(repr=False)
+
+
+class BwrapBackend(_HostSandboxBackend["_BwrapGuest"]):
+    """A bubblewrap sandbox per execution, as a non-root uid, with seccomp and cgroup limits."""
+
+    name = "bwrap"
+    _needs_root = (
+        "the bwrap backend starts sandboxes as root and drops each to its own uid; "
+        "run the service as root (or use another backend)"
+    )
+
+    def __init__(
+        self,
+        limits: LimitsLike | None = None,
+        *,
+        uid_base: int = DEFAULT_UID_BASE,
+        uid_count: int = DEFAULT_UID_COUNT,
+        bwrap: str | None = None,
+        require_seccomp: bool = True,
+        require_cgroups: bool = False,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ) -> None:
+        super().__init__(
+            limits,
+            uid_base=uid_base,
+            uid_count=uid_count,
+            bwrap=bwrap,
+            require_seccomp=require_seccomp,
+            require_cgroups=require_cgroups,
+            pool_size=pool_size,
+        )
+        self._argv_head: list[str] = []
+        self._launcher = ""
+        self._running: dict[int, _Running] = {}
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _prepared(self, bwrap: str, layout: RuntimeLayout) -> None:
+        self._argv_head = self._build_argv_head(bwrap, layout)
+        self._launcher = self._build_launcher(self._missing_controllers)
 
     def _build_argv_head(self, bwrap: str, layout: RuntimeLayout) -> list[str]:
         tmpfs = str(self.limits.tmpfs_bytes or 64 << 20)
-        argv = [
-            bwrap,
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--hostname",
-            "codemode",
-            "--die-with-parent",
-            "--new-session",
-            "--as-pid-1",
-            "--clearenv",
-            "--setenv",
-            "LANG",
-            "C.UTF-8",
-        ]
-        for directory in layout.dirs:
-            argv += ["--perms", "0755", "--dir", directory]
-        for path in layout.binds:
-            argv += ["--ro-bind", path, path]
-        for dest, target in layout.symlinks:
-            argv += ["--symlink", target, dest]
-        for mask in layout.masks:
-            argv += ["--perms", "0555", "--size", "4096", "--tmpfs", mask, "--remount-ro", mask]
-        argv += ["--ro-bind", str(GUEST_PATH.resolve()), GUEST_MOUNT]
+        argv = _bwrap_namespaces(bwrap) + _bwrap_runtime(layout)
         argv += ["--proc", "/proc", "--dev", "/dev"]
         argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", _SANDBOX_TMP]
         argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", _SANDBOX_SHM]
@@ -356,21 +592,6 @@ class BwrapBackend(SandboxBackend):
             ulimits.append(f"ulimit -v {limits.memory_bytes // 1024}")
         join = f'while [ "$1" != -- ]; do echo $$ >"$1" || exit {LAUNCH_FAILED}; shift; done; shift'
         return "; ".join([join, *ulimits, 'exec "$@"'])
-
-    # -- uids ----------------------------------------------------------------------------
-
-    def _take_uid(self) -> int:
-        """The next uid of the range not in use, round robin: a uid is reused as late as can be."""
-        for _ in range(self.uid_count):
-            uid = self.uid_base + self._uid_cursor
-            self._uid_cursor = (self._uid_cursor + 1) % self.uid_count
-            if uid not in self._uids_in_use:
-                self._uids_in_use.add(uid)
-                return uid
-        raise SandboxUnavailable(f"all {self.uid_count} sandbox uids are in use")
-
-    def _give_uid(self, uid: int) -> None:
-        self._uids_in_use.discard(uid)
 
     # -- spawning ------------------------------------------------------------------------
 
@@ -414,12 +635,6 @@ class BwrapBackend(SandboxBackend):
             guest.kill()  # it died while waiting; its supervisor cleans up
         raise SandboxUnavailable("sandboxes die before they can be used; run `codemode doctor`")
 
-    def _schedule_refill(self) -> None:
-        if self.pool_size <= 0 or self._closed:
-            return
-        if self._refill_task is None or self._refill_task.done():
-            self._refill_task = asyncio.ensure_future(self._refill())
-
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) < self.pool_size:
             try:
@@ -436,47 +651,28 @@ class BwrapBackend(SandboxBackend):
         """Start one sandbox whose guest waits for its descriptors on a control socket."""
         uid = self._take_uid()
         group: cgroups.ExecutionCgroup | None = None
-        opened: list[int] = []
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self._cgroups is not None:
                 group = self._cgroups.new_execution(
                     self.limits.memory_bytes, self.limits.max_processes
                 )
-            seccomp_fd: int | None = None
-            if self._seccomp_bpf is not None:
-                seccomp_fd, seccomp_w = os.pipe()
-                opened.append(seccomp_fd)
-                try:
-                    os.write(seccomp_w, self._seccomp_bpf)  # far below a pipe's capacity
-                finally:
-                    os.close(seccomp_w)
-            info_r, info_w = os.pipe()
-            opened += [info_r, info_w]
-            os.set_blocking(info_r, False)
-            argv = [
-                "/bin/sh",
-                "-c",
-                self._launcher,
-                "codemode-launch",
-                *(group.procs_files if group else []),
-                "--",
-                *self.command(uid, seccomp_fd, info_w, theirs.fileno()),
-            ]
-            passed = [theirs.fileno(), info_w] + ([seccomp_fd] if seccomp_fd is not None else [])
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
+            procs_files = group.procs_files if group else []
+            proc, info_r = await _start_bwrap(
+                lambda seccomp_fd, info_fd: [
+                    "/bin/sh",
+                    "-c",
+                    self._launcher,
+                    "codemode-launch",
+                    *procs_files,
+                    "--",
+                    *self.command(uid, seccomp_fd, info_fd, theirs.fileno()),
+                ],
+                [theirs.fileno()],
+                self._seccomp_bpf,
                 stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=passed,
-                env={"LANG": "C.UTF-8"},
-                cwd="/",
             )
         except BaseException:
-            for fd in opened:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             ours.close()
             if group is not None:
                 group.kill_all()
@@ -485,9 +681,6 @@ class BwrapBackend(SandboxBackend):
             raise
         finally:
             theirs.close()
-        for fd in opened:
-            if fd != info_r:
-                os.close(fd)
         guest = _BwrapGuest(proc, group, ours, uid)
         finished = asyncio.ensure_future(self._supervise(guest, info_r, uid))
         self._running[id(guest)] = _Running(guest, finished)
@@ -497,13 +690,7 @@ class BwrapBackend(SandboxBackend):
     async def _supervise(self, guest: _BwrapGuest, info_r: int, uid: int) -> GuestExit:
         """Learn the guest's host pid, wait for the end of everything, clean up."""
         try:
-            try:
-                pid = await _read_child_pid(info_r, guest._proc)
-            finally:
-                os.close(info_r)
-            if pid is not None:
-                with contextlib.suppress(OSError):
-                    guest._pidfd = os.pidfd_open(pid)
+            _, guest._pidfd = await _child_pidfd(info_r, guest._proc)
             guest._pid_known.set()
             if guest._kill_requested:
                 guest.kill()
@@ -522,9 +709,7 @@ class BwrapBackend(SandboxBackend):
             raise
         finally:
             guest._pid_known.set()
-            if guest._pidfd is not None:
-                os.close(guest._pidfd)
-                guest._pidfd = None
+            guest._close_pidfd()
             guest._close_control()
             if guest._outer_pidfd is not None:
                 os.close(guest._outer_pidfd)
@@ -532,39 +717,12 @@ class BwrapBackend(SandboxBackend):
             self._give_uid(uid)
             self._running.pop(id(guest), None)
 
-    async def close(self) -> None:
-        self._closed = True
-        if self._refill_task is not None:
-            # Not cancelled: a launch cut short could leave a process nobody supervises. The
-            # task stops after its current launch and kills what that launch started.
-            with contextlib.suppress(Exception):
-                await self._refill_task
-        self._pool.clear()
+    async def _stop_guests(self) -> None:
         running = list(self._running.values())
         for entry in running:
             entry.guest.kill()
         if running:
             await asyncio.gather(*(e.finished for e in running), return_exceptions=True)
-        if self._cgroups is not None:
-            for _ in range(500):
-                if self._cgroups.remove():
-                    break
-                await asyncio.sleep(0.002)
-            else:
-                logger.warning("could not remove the sandbox cgroups of this backend")
-            self._cgroups = None
-
-    def describe(self) -> dict[str, str]:
-        """What this backend enforces on this host, for logs and ``codemode doctor``."""
-        support = self.cgroup_support
-        controllers = sorted(support.sites) if support else []
-        return {
-            "backend": self.name,
-            "uids": f"{self.uid_base}..{self.uid_base + self.uid_count - 1}",
-            "seccomp": "on" if self._seccomp_bpf else f"OFF ({self.seccomp_problem})",
-            "cgroups": ", ".join(controllers) or "none (rlimits only)",
-            "cgroup_problems": "; ".join(support.problems) if support else "",
-        }
 
 
 async def _read_child_pid(fd: int, proc: asyncio.subprocess.Process) -> int | None:
@@ -605,7 +763,7 @@ async def _read_child_pid(fd: int, proc: asyncio.subprocess.Process) -> int | No
     return pid if pid > 1 else None
 
 
-class _BwrapGuest(GuestProcess):
+class _BwrapGuest(_HostGuest):
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
@@ -613,20 +771,19 @@ class _BwrapGuest(GuestProcess):
         control: socket.socket,
         uid: int,
     ) -> None:
-        #: The host uid (and gid) the guest runs as; no other live sandbox has it.
         self.uid = uid
         self._proc = proc
         self._group = group
-        self._control: socket.socket | None = control
+        self._control = control
         # A pidfd stays valid after bwrap is reaped, so a late kill() cannot hit a reused pid.
         self._outer_pidfd: int | None = None
         with contextlib.suppress(ProcessLookupError):
             self._outer_pidfd = os.pidfd_open(proc.pid)
-        self._pidfd: int | None = None
+        self._pidfd = None
         self._pid_known = asyncio.Event()
         self._kill_requested = False
         self._finished: asyncio.Future[GuestExit] | None = None
-        self._exited: asyncio.Future[GuestExit] = asyncio.get_running_loop().create_future()
+        self._exited = asyncio.get_running_loop().create_future()
 
     @property
     def pid(self) -> int:
@@ -638,36 +795,24 @@ class _BwrapGuest(GuestProcess):
         control = self._control
         if control is None or self._proc.returncode is not None or self._kill_requested:
             return False
-        try:
-            socket.send_fds(control, [b"F"], [fds.channel, fds.stdout, fds.stderr])
-        except OSError:
-            return False
-        finally:
-            self._close_control()
-        return True
+        return self._send_fds(control, fds)
 
     def _close_control(self) -> None:
         if self._control is not None:
             self._control.close()
             self._control = None
 
-    async def wait(self) -> GuestExit:
-        return await asyncio.shield(self._exited)
-
     def kill(self) -> None:
         self._kill_requested = True
-        if self._pidfd is not None:
-            # The guest is pid 1 of its namespace: its death takes every process there along,
-            # and bwrap, its parent, reaps it and exits. (Killing bwrap first would leave the
-            # guest's zombie to the host's init.)
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                return
+        # The guest is pid 1 of its namespace: its death takes every process there along, and
+        # bwrap, its parent, reaps it and exits. (Killing bwrap first would leave the guest's
+        # zombie to the host's init.)
+        if self._pidfd is not None and _pidfd_kill(self._pidfd):
+            return
         if self._outer_pidfd is not None:
             # Not Popen.kill(): its poll() could reap bwrap under asyncio's child watcher.
-            with contextlib.suppress(ProcessLookupError, OSError):
-                # bwrap's --die-with-parent then kills the namespace too.
-                signal.pidfd_send_signal(self._outer_pidfd, signal.SIGKILL)
+            # bwrap's --die-with-parent then kills the namespace too.
+            _pidfd_kill(self._outer_pidfd)
         if self._group is not None:
             self._group.kill_all()
 
@@ -682,8 +827,7 @@ class _BwrapGuest(GuestProcess):
             async with asyncio.timeout(5):
                 await dead.wait()
         except TimeoutError:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            _pidfd_kill(self._pidfd)
         finally:
             loop.remove_reader(self._pidfd)
 
@@ -692,10 +836,8 @@ class _BwrapGuest(GuestProcess):
         memory = self._group.memory_exceeded() if self._group is not None else False
         pids = self._group.pids_exceeded() if self._group is not None else False
         if code > 128 and code - 128 in signal.valid_signals():
-            return GuestExit(None, signal=code - 128, memory_exceeded=memory, pids_exceeded=pids)
-        if code < 0:
-            return GuestExit(None, signal=-code, memory_exceeded=memory, pids_exceeded=pids)
-        return GuestExit(code, memory_exceeded=memory, pids_exceeded=pids)
+            code = -(code - 128)  # the launcher's shell reports a signal as 128 + its number
+        return _guest_exit(code, memory, pids)
 
     async def _remove_group(self) -> None:
         """Remove the execution's cgroups, in a thread: a v1 memory rmdir takes ~10 ms."""

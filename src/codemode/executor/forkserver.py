@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import struct
@@ -45,26 +44,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from codemode.executor import cgroups, seccomp
+from codemode.executor import cgroups
 from codemode.executor.bwrap import (
     _SANDBOX_SHM,
     _SANDBOX_TMP,
     DEFAULT_UID_BASE,
     DEFAULT_UID_COUNT,
     LimitsLike,
-    RuntimeLayout,
     SandboxUnavailable,
-    _read_child_pid,
-    as_sandbox_limits,
-    discover_runtime,
+    _bwrap_namespaces,
+    _bwrap_runtime,
+    _child_pidfd,
+    _guest_exit,
+    _HostGuest,
+    _HostSandboxBackend,
+    _pidfd_kill,
+    _start_bwrap,
 )
 from codemode.executor.sandbox import (
-    GUEST_PATH,
     GuestExit,
     GuestFds,
     GuestProcess,
     ReadyGuest,
-    SandboxBackend,
 )
 
 logger = logging.getLogger("codemode.executor")
@@ -114,18 +115,20 @@ class _Zygote:
 
     def kill(self) -> None:
         if self.pidfd is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            _pidfd_kill(self.pidfd)
         elif self.proc.returncode is None:
             with contextlib.suppress(OSError):
                 self.proc.kill()  # bwrap; --die-with-parent takes the zygote along
 
 
-class ForkServerBackend(SandboxBackend):
+class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
     """Guests forked ahead from one sandboxed zygote, each in fresh namespaces as its own uid."""
 
     name = "forkserver"
-    isolated = True
+    _needs_root = (
+        "the fork-server backend starts its zygote as root and drops each guest to a "
+        "uid of its own; run the service as root (or use another backend)"
+    )
 
     def __init__(
         self,
@@ -138,117 +141,40 @@ class ForkServerBackend(SandboxBackend):
         require_cgroups: bool = False,
         pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
-            raise ValueError("uid_base/uid_count must name a range of non-root uids")
-        self.limits = as_sandbox_limits(limits)
-        self.uid_base = uid_base
-        self.uid_count = uid_count
-        self._bwrap = bwrap
-        self.require_seccomp = require_seccomp
-        self.require_cgroups = require_cgroups
-        self.pool_size = max(0, pool_size)
-        self.layout: RuntimeLayout | None = None
-        self.cgroup_support: cgroups.CgroupSupport | None = None
-        self._cgroups: cgroups.BackendCgroups | None = None
-        self._missing_controllers: list[str] = []
-        self._seccomp_bpf: bytes | None = None
-        self.seccomp_problem: str | None = None
-        self._bwrap_path = ""
-        self._uids_in_use: set[int] = set()
-        self._uid_cursor = 0
+        super().__init__(
+            limits,
+            uid_base=uid_base,
+            uid_count=uid_count,
+            bwrap=bwrap,
+            require_seccomp=require_seccomp,
+            require_cgroups=require_cgroups,
+            pool_size=pool_size,
+        )
         self._next_id = 0
         self._zygote: _Zygote | None = None
         self._zygote_lock = asyncio.Lock()
         self._quick_crashes = 0
         self.last_zygote_error = ""
-        self._pool: collections.deque[_ForkGuest] = collections.deque()
         self._forking = 0
-        self._refill_task: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._live: set[_ForkGuest] = set()
-        self._start_lock = asyncio.Lock()
         self._joiner: _Joiner | None = None
-        self._started = False
-        self._closed = False
 
     # -- setup ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        async with self._start_lock:
-            if self._started:
-                return
-            if self._closed:
-                raise RuntimeError("backend is closed")
-            await asyncio.to_thread(self._prepare)
-            if self._cgroups is not None and self._joiner is None:
-                self._joiner = _Joiner(asyncio.get_running_loop())
-            await self._ensure_zygote()
-            self._started = True
-            self._schedule_refill()
-
-    def _prepare(self) -> None:
-        if os.geteuid() != 0:
-            raise SandboxUnavailable(
-                "the fork-server backend starts its zygote as root and drops each guest to a "
-                "uid of its own; run the service as root (or use another backend)"
-            )
-        bwrap = self._bwrap or shutil.which("bwrap")
-        if bwrap is None:
-            raise SandboxUnavailable("bwrap is missing (Debian package bubblewrap)")
-        self._bwrap_path = bwrap
-        self.layout = discover_runtime()
-        try:
-            self._seccomp_bpf = seccomp.build_filter_bpf()
-        except seccomp.SeccompUnavailable as exc:
-            self.seccomp_problem = str(exc)
-            if self.require_seccomp:
-                raise SandboxUnavailable(str(exc)) from None
-        support = cgroups.discover()
-        self.cgroup_support = support
-        self._missing_controllers = [c for c in cgroups.CONTROLLERS if not support.has(c)]
-        if self._missing_controllers and self.require_cgroups:
-            raise SandboxUnavailable(
-                "cgroup controllers unavailable: " + "; ".join(support.problems)
-            )
-        if support.sites:
-            cgroups.sweep_stale(support)
-            self._cgroups = cgroups.BackendCgroups(support)
-            self._cgroups.create()
+    async def _warm_up(self) -> None:
+        if self._cgroups is not None and self._joiner is None:
+            self._joiner = _Joiner(asyncio.get_running_loop())
+        await self._ensure_zygote()
 
     def zygote_argv(self, control_fd: int, seccomp_fd: int, info_fd: int) -> list[str]:
         """The bwrap command line that starts the zygote."""
         layout = self.layout
         assert layout is not None
-        argv = [
-            self._bwrap_path,
-            "--unshare-pid",
-            "--unshare-net",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--hostname",
-            "codemode",
-            "--die-with-parent",
-            "--new-session",
-            "--as-pid-1",
-            "--clearenv",
-            "--setenv",
-            "LANG",
-            "C.UTF-8",
-            "--cap-drop",
-            "ALL",
-        ]
+        argv = [*_bwrap_namespaces(self._bwrap_path), "--cap-drop", "ALL"]
         for cap in ZYGOTE_CAPS:
             argv += ["--cap-add", cap]
-        for directory in layout.dirs:
-            argv += ["--perms", "0755", "--dir", directory]
-        for path in layout.binds:
-            argv += ["--ro-bind", path, path]
-        for dest, target in layout.symlinks:
-            argv += ["--symlink", target, dest]
-        for mask in layout.masks:
-            argv += ["--perms", "0555", "--size", "4096", "--tmpfs", mask, "--remount-ro", mask]
-        argv += ["--ro-bind", str(GUEST_PATH.resolve()), GUEST_MOUNT]
+        argv += _bwrap_runtime(layout)
         argv += ["--ro-bind", str(ZYGOTE_PATH.resolve()), ZYGOTE_MOUNT]
         argv += ["--proc", "/proc", "--dev", "/dev"]
         # Mount points only: every guest mounts its own tmpfs over them.
@@ -304,50 +230,23 @@ class ForkServerBackend(SandboxBackend):
 
     async def _launch_zygote(self) -> _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        opened: list[int] = []
         try:
-            seccomp_fd = -1
-            if self._seccomp_bpf is not None:
-                seccomp_fd, seccomp_w = os.pipe()
-                opened.append(seccomp_fd)
-                try:
-                    os.write(seccomp_w, self._seccomp_bpf)
-                finally:
-                    os.close(seccomp_w)
-            info_r, info_w = os.pipe()
-            opened += [info_r, info_w]
-            os.set_blocking(info_r, False)
-            passed = [theirs.fileno(), info_w] + ([seccomp_fd] if seccomp_fd >= 0 else [])
-            proc = await asyncio.create_subprocess_exec(
-                *self.zygote_argv(theirs.fileno(), seccomp_fd, info_w),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
+            proc, info_r = await _start_bwrap(
+                lambda seccomp_fd, info_fd: self.zygote_argv(
+                    theirs.fileno(), -1 if seccomp_fd is None else seccomp_fd, info_fd
+                ),
+                [theirs.fileno()],
+                self._seccomp_bpf,
                 stderr=asyncio.subprocess.PIPE,
-                pass_fds=passed,
-                env={"LANG": "C.UTF-8"},
-                cwd="/",
             )
         except BaseException:
-            for fd in opened:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             ours.close()
             raise
         finally:
             theirs.close()
-        for fd in opened:
-            if fd != info_r:
-                os.close(fd)
         ours.setblocking(False)
         zygote = _Zygote(proc, ours)
-        try:
-            pid = await _read_child_pid(info_r, proc)
-        finally:
-            os.close(info_r)
-        if pid is not None:
-            zygote.pid = pid
-            with contextlib.suppress(OSError):
-                zygote.pidfd = os.pidfd_open(pid)
+        zygote.pid, zygote.pidfd = await _child_pidfd(info_r, proc)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_zygote_message, zygote)
         zygote.gone = asyncio.ensure_future(self._supervise_zygote(zygote))
@@ -432,17 +331,6 @@ class ForkServerBackend(SandboxBackend):
                 )
         self._pool = collections.deque(g for g in self._pool if g._zygote is not zygote)
 
-    # -- uids ----------------------------------------------------------------------------
-
-    def _take_uid(self) -> int:
-        for _ in range(self.uid_count):
-            uid = self.uid_base + self._uid_cursor
-            self._uid_cursor = (self._uid_cursor + 1) % self.uid_count
-            if uid not in self._uids_in_use:
-                self._uids_in_use.add(uid)
-                return uid
-        raise SandboxUnavailable(f"all {self.uid_count} sandbox uids are in use")
-
     # -- guests --------------------------------------------------------------------------
 
     async def _take(self) -> _ForkGuest:
@@ -481,12 +369,6 @@ class ForkServerBackend(SandboxBackend):
                 return guest
             guest.kill()
         raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
-
-    def _schedule_refill(self) -> None:
-        if self.pool_size <= 0 or self._closed:
-            return
-        if self._refill_task is None or self._refill_task.done():
-            self._refill_task = asyncio.ensure_future(self._refill())
 
     async def _refill(self) -> None:
         while not self._closed and len(self._pool) + self._forking < self.pool_size:
@@ -550,12 +432,7 @@ class ForkServerBackend(SandboxBackend):
         else:
             await joiner.join(group, pid)
 
-    async def close(self) -> None:
-        self._closed = True
-        if self._refill_task is not None:
-            with contextlib.suppress(Exception):
-                await self._refill_task
-        self._pool.clear()
+    async def _stop_guests(self) -> None:
         for guest in list(self._live):
             guest.kill()
         zygote = self._zygote
@@ -572,26 +449,6 @@ class ForkServerBackend(SandboxBackend):
         if self._joiner is not None:
             await asyncio.to_thread(self._joiner.stop)
             self._joiner = None
-        if self._cgroups is not None:
-            for _ in range(500):
-                if self._cgroups.remove():
-                    break
-                await asyncio.sleep(0.002)
-            else:
-                logger.warning("could not remove the sandbox cgroups of this backend")
-            self._cgroups = None
-
-    def describe(self) -> dict[str, str]:
-        """What this backend enforces on this host, for logs and ``codemode doctor``."""
-        support = self.cgroup_support
-        controllers = sorted(support.sites) if support else []
-        return {
-            "backend": self.name,
-            "uids": f"{self.uid_base}..{self.uid_base + self.uid_count - 1}",
-            "seccomp": "on" if self._seccomp_bpf else f"OFF ({self.seccomp_problem})",
-            "cgroups": ", ".join(controllers) or "none (rlimits only)",
-            "cgroup_problems": "; ".join(support.problems) if support else "",
-        }
 
 
 class _Joiner:
@@ -650,7 +507,7 @@ def _join(group: cgroups.ExecutionCgroup, pid: int) -> None:
             handle.write(str(pid))
 
 
-class _ForkGuest(GuestProcess):
+class _ForkGuest(_HostGuest):
     """One guest forked by the zygote: pool entry, then one execution."""
 
     def __init__(
@@ -661,21 +518,20 @@ class _ForkGuest(GuestProcess):
         uid: int,
         control: socket.socket,
     ) -> None:
-        #: The host uid (and gid) the guest runs as; no other live guest has it.
         self.uid = uid
         self.ident = ident
         self.pid: int | None = None  # host pid, once ready
         self._backend = backend
         self._zygote = zygote
-        self._control: socket.socket | None = control
-        self._pidfd: int | None = None
+        self._control = control
+        self._pidfd = None
         self._group: cgroups.ExecutionCgroup | None = None
         #: Read ends of the guest's stdout and stderr pipes, from its ready message.
         self._streams: list[int] = []
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = loop.create_future()
         self._status: asyncio.Future[int | None] = loop.create_future()
-        self._exited: asyncio.Future[GuestExit] = loop.create_future()
+        self._exited = loop.create_future()
         self._kill_requested = False
         self._handed_over = False
         self._finished: asyncio.Task[None] | None = asyncio.ensure_future(self._supervise())
@@ -773,13 +629,8 @@ class _ForkGuest(GuestProcess):
         control = self._control
         if control is None or not self._usable():
             return False
-        try:
-            control.setblocking(True)
-            socket.send_fds(control, [b"F"], [fds.channel, fds.stdout, fds.stderr])
-        except OSError:
+        if not self._send_fds(control, fds):
             return False
-        finally:
-            self._close_control()
         self._handed_over = True
         return True
 
@@ -810,10 +661,8 @@ class _ForkGuest(GuestProcess):
             await self._release_group()
         finally:
             self._close_control()
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
-            backend._uids_in_use.discard(self.uid)
+            self._close_pidfd()
+            backend._give_uid(self.uid)
             backend._live.discard(self)
             if not self._exited.done():
                 self._exited.set_result(GuestExit(None, signal=signal.SIGKILL))
@@ -824,10 +673,7 @@ class _ForkGuest(GuestProcess):
             return GuestExit(
                 None, signal=signal.SIGKILL, memory_exceeded=memory, pids_exceeded=pids
             )
-        code = os.waitstatus_to_exitcode(status)
-        if code < 0:
-            return GuestExit(None, signal=-code, memory_exceeded=memory, pids_exceeded=pids)
-        return GuestExit(code, memory_exceeded=memory, pids_exceeded=pids)
+        return _guest_exit(os.waitstatus_to_exitcode(status), memory, pids)
 
     async def _release_group(self) -> None:
         group, cg = self._group, self._backend._cgroups
@@ -842,16 +688,12 @@ class _ForkGuest(GuestProcess):
             await asyncio.sleep(0.002)
         logger.warning("a sandbox cgroup could not be emptied: %s", group.procs_files)
 
-    async def wait(self) -> GuestExit:
-        return await asyncio.shield(self._exited)
-
     def kill(self) -> None:
         self._kill_requested = True
         if self._status.done():
             return
         if self._pidfd is not None:
             # pid 1 of its namespace: its death takes every process of the execution along.
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            _pidfd_kill(self._pidfd)
             return
         self._zygote.send(b"K", {"id": self.ident})
