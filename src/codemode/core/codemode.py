@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from codemode.config import ClientConfig
+from codemode.core._lifecycle import Closing
 from codemode.core.context import ContextScope, RuntimeContext
 from codemode.core.errors import ExecutionError, ExecutorTimeoutError
 from codemode.core.executor_client import ExecutorClient, run_sync
@@ -15,7 +15,7 @@ from codemode.core.registry import ComponentRegistry
 from codemode.core.results import ExecutionEvent, ExecutionResult
 
 
-class Codemode:
+class Codemode(Closing):
     """Runs model-written programs on an executor against this application's tools.
 
     Build it with :meth:`from_client_config`, :meth:`from_config` or :meth:`from_env`; register
@@ -177,28 +177,6 @@ class Codemode:
     async def close_async(self) -> None:
         """Release the connection, waiting for it to close. Idempotent."""
         await self.client.close_async()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close_async()
 
 
 def unwrap(result: ExecutionResult) -> str | None:

@@ -10,8 +10,10 @@ import contextvars
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any
+
+from codemode.core._lifecycle import Closing
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ current_correlation_id: contextvars.ContextVar[str | None] = contextvars.Context
 )
 
 
-class ContextScope:
+class ContextScope(Closing):
     """Returned by ``with_context``: the context is already set; ``with`` restores the old one."""
 
     def __init__(self, token: contextvars.Token[RuntimeContext | None]) -> None:
@@ -78,24 +80,4 @@ class ContextScope:
             current_context.reset(self._token)
             self._token = None
 
-    def __enter__(self) -> ContextScope:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.reset()
-
-    async def __aenter__(self) -> ContextScope:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.reset()
+    close = reset

@@ -17,14 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
 
 from codemode.config import ClientConfig
 from codemode.config._defaults import DEADLINE_MARGIN_S
+from codemode.core._lifecycle import Closing
 from codemode.core.channel import open_channel
 from codemode.core.context import RuntimeContext, current_context, current_correlation_id
 from codemode.core.errors import (
@@ -74,7 +74,7 @@ def new_correlation_id() -> str:
     return uuid.uuid4().hex
 
 
-class ExecutorClient:
+class ExecutorClient(Closing):
     """A connection to an executor (or several, round robin) and the tools it may call back.
 
     ``timeout`` is the default execution timeout in seconds; each call may pass its own.
@@ -159,17 +159,6 @@ class ExecutorClient:
             channels, self._channels = self._channels, {}
         for owner, channel in channels.items():
             _close_elsewhere(owner, channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close_async()
 
     async def health_check_async(self) -> bool:
         """Whether the executor's ``grpc.health.v1`` service reports SERVING."""
