@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 T = TypeVar("T")
 
@@ -44,3 +49,21 @@ def with_yaml_file(cls: type[T], path: str | Path) -> type[T]:
     load_yaml_mapping(path)
     config = {**cls.model_config, "yaml_file": str(path)}  # type: ignore[attr-defined]
     return type(cls.__name__, (cls,), {"model_config": config, "__module__": cls.__module__})
+
+
+class YamlSettings(BaseSettings):
+    """Settings read from explicit arguments, then ``CODEMODE_*`` variables, then a YAML file.
+
+    The file is the one :func:`with_yaml_file` names; without it, only the first two apply.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)

@@ -8,21 +8,18 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from codemode.config import _defaults as d
-from codemode.config._yaml import ConfigError, with_yaml_file
+from codemode.config._yaml import ConfigError, YamlSettings, with_yaml_file
 
 __all__ = ["ClientConfig", "ConfigError"]
 
 _SCHEMES = ("http", "https", "unix", "dns", "ipv4", "ipv6")
 
 
-class ClientConfig(BaseSettings):
+class ClientConfig(YamlSettings):
     """How the SDK reaches an executor and how patient it is.
 
     Every field can come from the environment as ``CODEMODE_<FIELD>`` (for example
@@ -69,17 +66,6 @@ class ClientConfig(BaseSettings):
                     + ", ".join(f"{s}://" for s in _SCHEMES)
                 )
         return value
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
     @classmethod
     def load(cls, **values: Any) -> Self:

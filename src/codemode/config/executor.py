@@ -7,14 +7,11 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from codemode.config import _defaults as d
-from codemode.config._yaml import ConfigError, with_yaml_file
+from codemode.config._yaml import ConfigError, YamlSettings, with_yaml_file
 from codemode.config.client import _describe
 
 __all__ = ["ExecutorConfig", "LimitsConfig"]
@@ -44,7 +41,7 @@ class LimitsConfig(BaseModel):
         return self.model_copy(update=changes) if changes else self
 
 
-class ExecutorConfig(BaseSettings):
+class ExecutorConfig(YamlSettings):
     """How ``codemode serve`` listens, authenticates, admits and isolates.
 
     Environment: ``CODEMODE_API_KEY``, ``CODEMODE_PORT``, ``CODEMODE_LIMITS__MEMORY_BYTES`` …
@@ -93,17 +90,6 @@ class ExecutorConfig(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> ExecutorConfig:
