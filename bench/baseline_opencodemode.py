@@ -89,31 +89,6 @@ async def _serve_executor() -> None:
 # Tools (application side)
 
 
-class Echo:
-    """Trivial synchronous tool."""
-
-    def run(self, **kwargs: Any) -> dict[str, Any]:
-        return kwargs
-
-
-class AsyncEcho:
-    """Trivial asynchronous tool."""
-
-    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
-        return kwargs
-
-
-class Sleepy:
-    """Asynchronous tool that sleeps ``E_SLEEP_S`` seconds."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
-        await asyncio.sleep(self.seconds)
-        return kwargs
-
-
 def code_sync_tool(calls: int) -> str:
     return f"for i in range({calls}):\n    tools['echo'].run(i=i)\nresult = {calls}\n"
 
@@ -155,9 +130,9 @@ async def bench(smoke: bool) -> dict[str, Any]:
 
     # The ToolService must be up first: the executor is configured with its address.
     registry = ComponentRegistry()
-    registry.register_tool("echo", Echo())
-    registry.register_tool("aecho", AsyncEcho())
-    registry.register_tool("sleepy", Sleepy(sizes["e_sleep_s"]))
+    registry.register_tool("echo", benchlib.Echo())
+    registry.register_tool("aecho", benchlib.AsyncEcho())
+    registry.register_tool("sleepy", benchlib.Sleepy(sizes["e_sleep_s"]))
     tool_server = grpc.aio.server()
     codemode_pb2_grpc.add_ToolServiceServicer_to_server(ToolService(registry, api_key), tool_server)
     tool_port = tool_server.add_insecure_port("127.0.0.1:0")

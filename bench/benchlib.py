@@ -370,3 +370,31 @@ def print_table(title: str, workloads: dict[str, Any]) -> None:
     for label, value, unit in rows:
         print(f"{label:<{width}}  {value:>12} {unit}")
     print("-" * (width + 22))
+
+
+# Tools both sides register (the application side of the tool workloads).
+
+
+class Echo:
+    """Trivial synchronous tool."""
+
+    def run(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+class AsyncEcho:
+    """Trivial asynchronous tool."""
+
+    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+class Sleepy:
+    """Asynchronous tool that sleeps for a fixed time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
+        await asyncio.sleep(self.seconds)
+        return kwargs

@@ -202,7 +202,7 @@ async def growth(args: argparse.Namespace) -> dict[str, Any]:
         codemode = Codemode.from_client_config(
             ClientConfig(executor_url=url, executor_api_key=api_key, max_code_length=2_000_000)
         )
-        codemode.registry.register_tool("echo", runbench.Echo())
+        codemode.registry.register_tool("echo", benchlib.Echo())
         r = Runner(codemode, args.smoke, sizes)
         try:
             await runbench._ready(codemode.execute_async)

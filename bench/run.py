@@ -41,31 +41,6 @@ import benchlib
 # Tools (application side)
 
 
-class Echo:
-    """Trivial synchronous tool."""
-
-    def run(self, **kwargs: Any) -> dict[str, Any]:
-        return kwargs
-
-
-class AsyncEcho:
-    """Trivial asynchronous tool."""
-
-    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
-        return kwargs
-
-
-class Sleepy:
-    """Asynchronous tool that sleeps for a fixed time."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    async def run_async(self, **kwargs: Any) -> dict[str, Any]:
-        await asyncio.sleep(self.seconds)
-        return kwargs
-
-
 def code_sync_tool(calls: int) -> str:
     return f"for i in range({calls}):\n    tools.echo(i=i)\nresult = {calls}\n"
 
@@ -211,9 +186,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         codemode = Codemode.from_client_config(
             ClientConfig(executor_url=url, executor_api_key=api_key)
         )
-        codemode.registry.register_tool("echo", Echo())
-        codemode.registry.register_tool("aecho", AsyncEcho())
-        codemode.registry.register_tool("sleepy", Sleepy(sizes["e_sleep_s"]))
+        codemode.registry.register_tool("echo", benchlib.Echo())
+        codemode.registry.register_tool("aecho", benchlib.AsyncEcho())
+        codemode.registry.register_tool("sleepy", benchlib.Sleepy(sizes["e_sleep_s"]))
         execute: benchlib.Execute = codemode.execute_async
         try:
             await _ready(execute)
