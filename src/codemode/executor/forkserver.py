@@ -72,7 +72,6 @@ logger = logging.getLogger("codemode.executor")
 
 ZYGOTE_PATH = Path(__file__).with_name("zygote.py")
 ZYGOTE_MOUNT = "/codemode/zygote.py"
-GUEST_MOUNT = "/codemode/guest.py"
 #: Guests forked ahead of need.
 DEFAULT_POOL_SIZE = 4
 #: Capabilities the zygote keeps (it needs no others to make and enter a guest's sandbox).
@@ -533,7 +532,6 @@ class _ForkGuest(_HostGuest):
         self._status: asyncio.Future[int | None] = loop.create_future()
         self._exited = loop.create_future()
         self._kill_requested = False
-        self._handed_over = False
         self._finished: asyncio.Task[None] | None = asyncio.ensure_future(self._supervise())
 
     # -- start ---------------------------------------------------------------------------
@@ -621,7 +619,6 @@ class _ForkGuest(_HostGuest):
         self._control = None
         out_r, err_r = self._streams
         self._streams = []
-        self._handed_over = True
         return ReadyGuest(self, control, out_r, err_r)
 
     def _hand_over(self, fds: GuestFds) -> bool:
@@ -629,10 +626,7 @@ class _ForkGuest(_HostGuest):
         control = self._control
         if control is None or not self._usable():
             return False
-        if not self._send_fds(control, fds):
-            return False
-        self._handed_over = True
-        return True
+        return self._send_fds(control, fds)
 
     def _close_control(self) -> None:
         if self._control is not None:

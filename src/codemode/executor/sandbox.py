@@ -102,6 +102,10 @@ class SandboxBackend(abc.ABC):
         """A guest whose channel and pipes were set up ahead, or None (then use ``spawn``)."""
         return None
 
+    def describe(self) -> dict[str, str]:
+        """What this backend enforces on this host, for the start-up log line."""
+        return {"backend": self.name}
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Stop the backend and everything it started. Default: nothing."""
 

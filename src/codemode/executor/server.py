@@ -98,7 +98,7 @@ async def serve_forever(
         "executor serving",
         extra={
             "address": f"{config.host}:{running.port}",
-            "isolation": backend.name,
+            "isolation": backend.describe(),
             "auth": config.api_key is not None,
         },
     )
