@@ -21,6 +21,9 @@ from pathlib import Path
 
 CONTROLLERS = ("memory", "pids")
 _PREFIX = "codemode-"
+#: Group names of this process's backends that are still in use: the stale sweep of a
+#: second backend in the same process (tests, an embedding application) leaves them alone.
+_LIVE_NAMES: set[str] = set()
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Emptied per-execution groups a backend keeps for reuse; more are removed.
 MAX_FREE_GROUPS = 64
@@ -248,6 +251,8 @@ def sweep_stale(support: CgroupSupport) -> int:
                 continue
             if owner != os.getpid() and Path(f"/proc/{owner}").exists():
                 continue
+            if entry.name in _LIVE_NAMES:
+                continue  # another backend of this process, in use
             for child in list(entry.iterdir()) if entry.exists() else []:
                 if child.is_dir():
                     for pid in _procs(child):
@@ -264,6 +269,7 @@ class BackendCgroups:
     def __init__(self, support: CgroupSupport) -> None:
         self.support = support
         self._name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        _LIVE_NAMES.add(self._name)
         self._roots: dict[str, Path] = {}
         self._seq = 0
         #: Emptied groups kept for the next executions (see :meth:`acquire`).
@@ -358,6 +364,8 @@ class BackendCgroups:
                     ExecutionCgroup({"_": (child, 1)}).kill_all()
             if _rmdir_tree(root):
                 del self._roots[controller]
+        if not self._roots:
+            _LIVE_NAMES.discard(self._name)
         return not self._roots
 
 
