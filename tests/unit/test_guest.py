@@ -8,6 +8,7 @@ reads the outcome; stdout and stderr are plain pipes.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -105,6 +106,7 @@ def run_guest(
                 for reply, value in answer(waiting):
                     parent.sendall(frame(reply, value))
                 waiting = []
+        parent.close()  # the guest waits for this after its outcome, as for the service's kill
         stdout, stderr = proc.communicate(timeout=20)
     finally:
         parent.close()
@@ -306,3 +308,45 @@ def test_guest_exits_when_the_service_goes_away() -> None:
     child.close()
     parent.close()
     assert proc.wait(timeout=20) == 70
+
+
+def test_guest_reports_then_waits_for_the_channel_to_close_at_low_priority() -> None:
+    """After its outcome the guest lingers, niced, until the service closes the channel.
+
+    Exiting at once would tear its address space down on the CPU where the kernel has just
+    placed the service it woke; the service kills it (or closes the channel) instead.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        guest_argv(child.fileno()),
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    child.close()
+    try:
+        parent.settimeout(20)
+        start = {"t": "start", "tools": [], "limits": {"max_result_bytes": 4096}}
+        parent.sendall(frame(start, b"result = 2 + 2"))
+        header, payload = read_frame(parent)
+        assert (header["t"], header["ok"], payload) == ("done", True, b"4")
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.3)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+    finally:
+        parent.close()
+    assert proc.wait(timeout=20) == 0
+
+
+def test_warm_up_leaves_nothing_for_the_program() -> None:
+    """The fork server's dummy run leaves no line-cache entry; a program's globals are fresh."""
+    import linecache
+
+    from codemode.executor import guest
+
+    linecache.cache.pop(guest.USER_FILENAME, None)
+    guest.warm_up()
+    assert guest.USER_FILENAME not in linecache.cache
+    run = run_guest("result = sorted(k for k in globals() if not k.startswith('__'))")
+    assert run.value == ["config", "context", "tools"]

@@ -268,3 +268,13 @@ async def test_no_pool() -> None:
         assert out.result == 45
     finally:
         await b.close()
+
+
+async def test_warm_up_leaves_nothing_behind(backend: ForkServerBackend) -> None:
+    """Pooled guests run a dummy program before they are ready; a real one sees none of it."""
+    code = (
+        "result = {'globals': sorted(k for k in globals() if not k.startswith('__')),\n"
+        "          'lines': sorted(k for k in __import__('linecache').cache if k[0] == '<')}\n"
+    )
+    out = (await run(backend, code)).result
+    assert out == {"globals": ["config", "context", "tools"], "lines": ["<codemode>"]}

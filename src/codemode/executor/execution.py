@@ -328,14 +328,15 @@ async def run_execution(
             "context": context,
             "limits": limits.model_dump(),
         }
-        writer.write(encode_frame(header, code.encode()))
-        await writer.drain()
-
         relay = _GuestRelay(chan_reader, writer, frozenset(tools), call_tool, limits)
         relay_task = asyncio.create_task(relay.run())
         exit_task = asyncio.create_task(guest.wait())
         tasks += [relay_task, exit_task]
+        # The start frame goes last, so that the loop sleeps right after it: the guest was
+        # woken onto this CPU (a Unix socket write is a "sync" wake-up) and runs only then.
+        writer.write(encode_frame(header, code.encode()))
         try:
+            await writer.drain()
             async with asyncio.timeout(timeout):
                 waiting: list[asyncio.Future[Any]] = [relay_task, exit_task, limit_hit]
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

@@ -273,6 +273,7 @@ def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
         _keep_only_control(control_fd, devnull)
         _fresh_mounts(config.tmpfs_bytes)
         _drop_privileges(uid, config)
+        _guest.warm_up()
         out_w, err_w = _ready_streams()
         code = EXIT_NO_FDS
         channel, prefix = _await_request(out_w, err_w)
