@@ -510,9 +510,8 @@ class _ToolRelay:
             )
         current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
         try:
-            value = await asyncio.wait_for(
-                call_tool(tool, args, kwargs, self._context, name=name), self._timeout
-            )
+            async with asyncio.timeout(self._timeout):  # no extra task, unlike wait_for
+                value = await call_tool(tool, args, kwargs, self._context, name=name)
         except TimeoutError:
             return _tool_error(
                 "TimeoutError", f"tool {name!r} did not answer within {self._timeout:g}s"
@@ -528,9 +527,12 @@ class _ToolRelay:
         return pb.ToolResult(ok=True, value_json=encoded)
 
 
+_LIMIT_FIELDS = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
+
+
 def _limit_fields(limits: Mapping[str, float] | None) -> dict[str, Any]:
     """Requested limit overrides as ``pb.Limits`` fields; unknown names are a clear error."""
-    fields = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
+    fields = _LIMIT_FIELDS
     out: dict[str, Any] = {}
     for name, value in (limits or {}).items():
         field = fields.get(name)

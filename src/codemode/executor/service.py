@@ -210,17 +210,21 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"executor failed to run the program: {exc}"
             )
-        logger.info(
-            "execution finished",
-            extra={
-                **log,
-                "success": result.success,
-                "error_type": result.error_type or None,
-                "duration_ms": round(result.duration_ms, 3),
-                "tool_calls": result.tool_calls,
-            },
-        )
-        await context.write(pb.ServerFrame(result=result))
+        try:
+            await context.write(pb.ServerFrame(result=result))
+        finally:
+            # Logged once the result is on its way, so the client does not wait for the line;
+            # also when the client, having read it, cancels the stream while the write ends.
+            logger.info(
+                "execution finished",
+                extra={
+                    **log,
+                    "success": result.success,
+                    "error_type": result.error_type or None,
+                    "duration_ms": round(result.duration_ms, 3),
+                    "tool_calls": result.tool_calls,
+                },
+            )
 
     def _validate(self, start: pb.StartExecution) -> dict[str, Any]:
         if len(start.code.encode()) > self._config.max_code_bytes:
