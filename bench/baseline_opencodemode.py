@@ -195,7 +195,7 @@ async def bench(smoke: bool) -> dict[str, Any]:
 
         print("c/d. concurrent `sum(range(1000))` with RSS/PSS sampling ...", flush=True)
         idle, idle_pss = benchlib.tree_memory_bytes(proc.pid)
-        with benchlib.RssSampler(proc.pid) as sampler:
+        with benchlib.RssSampler(proc.pid) as sampler, benchlib.CpuMeter(proc.pid) as cpu:
             workloads["c_concurrent"] = await benchlib.concurrent(
                 execute,
                 benchlib.CODE_SUM,
@@ -203,6 +203,7 @@ async def bench(smoke: bool) -> dict[str, Any]:
                 sizes["c_n"],
                 sizes["c_in_flight"],
             )
+        workloads["c_concurrent"].update(cpu.per_execution_ms(sizes["c_n"]))
         workloads["d_rss"] = sampler.summary(idle, idle_pss)
 
         print("e. tools under asyncio.gather ...", flush=True)

@@ -182,6 +182,63 @@ def tree_memory_bytes(root: int) -> tuple[int, int]:
     return sum(_rss_bytes(p) for p in pids), sum(_pss_bytes(p) for p in pids)
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` and of its children it has reaped (cutime + cstime)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(b")") + 2 :].split()  # fields[0] is the state (field 3)
+    return sum(int(x) for x in fields[11:15])
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time used so far by ``root``'s process tree, children already reaped included.
+
+    A process that exited is counted once its parent in the tree has waited for it (its
+    time moves into the parent's cutime/cstime); kernel threads working for the tree (network
+    namespace clean-up, RCU) are not counted.
+    """
+    return sum(_cpu_ticks(pid) for pid in tree_pids(root)) / _CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process (all threads): user + system."""
+    t = os.times()
+    return t.user + t.system
+
+
+class CpuMeter:
+    """CPU seconds used during ``with`` by this process and by an executor's process tree."""
+
+    def __init__(self, executor_pid: int | None) -> None:
+        self.executor_pid = executor_pid
+        self.client_s = 0.0
+        self.executor_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._client0 = own_cpu_seconds()
+        self._executor0 = tree_cpu_seconds(self.executor_pid) if self.executor_pid else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client_s = own_cpu_seconds() - self._client0
+        if self.executor_pid:
+            self.executor_s = tree_cpu_seconds(self.executor_pid) - self._executor0
+
+    def per_execution_ms(self, n: int) -> dict[str, float]:
+        """``client_cpu_ms`` and ``executor_cpu_ms`` per execution (the sampler thread and the
+        harness are in the client's figure)."""
+        out = {"client_cpu_ms": round(self.client_s * 1000 / n, 3)}
+        if self.executor_pid:
+            out["executor_cpu_ms"] = round(self.executor_s * 1000 / n, 3)
+        return out
+
+
 class RssSampler:
     """Samples RSS-sum and PSS-sum of a process tree on a background thread during ``with``."""
 
@@ -347,6 +404,8 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("c_concurrent", "exec_per_s", "c. 16 in flight, throughput", "exec/s", True),
     ("c_concurrent", "p50_ms", "c. 16 in flight, p50", "ms", False),
     ("c_concurrent", "p99_ms", "c. 16 in flight, p99", "ms", False),
+    ("c_concurrent", "executor_cpu_ms", "c. executor CPU per execution", "ms", False),
+    ("c_concurrent", "client_cpu_ms", "c. client CPU per execution", "ms", False),
     ("d_rss", "pss_peak_mib", "d. executor PSS-sum peak (during c)", "MiB", False),
     ("d_rss", "pss_idle_mib", "d. executor PSS-sum idle", "MiB", False),
     ("d_rss", "peak_mib", "d. executor RSS-sum peak (during c)", "MiB", False),

@@ -211,7 +211,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             print("c/d. concurrent `sum(range(1000))` with RSS/PSS sampling ...", flush=True)
             idle, idle_pss = benchlib.tree_memory_bytes(pid) if pid else (0, 0)
             sampler = benchlib.RssSampler(pid) if pid else None
-            with sampler or contextlib.nullcontext():
+            with sampler or contextlib.nullcontext(), benchlib.CpuMeter(pid) as cpu:
                 workloads["c_concurrent"] = await benchlib.concurrent(
                     execute,
                     benchlib.CODE_SUM,
@@ -219,6 +219,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     sizes["c_n"],
                     sizes["c_in_flight"],
                 )
+            workloads["c_concurrent"].update(cpu.per_execution_ms(sizes["c_n"]))
             if sampler is not None:
                 workloads["d_rss"] = sampler.summary(idle, idle_pss)
 

@@ -31,4 +31,7 @@ echo "== ours: codemode ($PYTHON) =="
 echo
 echo "== comparison =="
 "$PYTHON" "$HERE/compare.py" "${SMOKE[@]}" || status=1
+echo
+echo "== the transport's floor (no Codemode code) =="
+"$PYTHON" "$HERE/floor.py" "${SMOKE[@]}" || status=1
 exit $status

@@ -18,15 +18,16 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def _run(script: str, results: Path) -> dict:
     """Run ``bench/<script> --smoke`` with results in ``results`` and return its JSON document."""
     env = dict(os.environ, CODEMODE_BENCH_RESULTS=str(results))
+    isolation = [] if script == "floor.py" else [f"--isolation={ISOLATION}"]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", f"--isolation={ISOLATION}"],
+        [sys.executable, str(BENCH / script), "--smoke", *isolation],
         env=env,
         capture_output=True,
         text=True,
         timeout=100,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    name = {"run.py": "codemode", "growth.py": "growth"}[script]
+    name = {"run.py": "codemode", "growth.py": "growth", "floor.py": "floor"}[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
 
@@ -40,6 +41,9 @@ def test_run_smoke(tmp_path: Path) -> None:
         assert key in workloads
     assert {"p50_ms", "p99_ms"} <= workloads["a_trivial"].keys()
     assert {"exec_per_s", "p99_ms"} <= workloads["c_concurrent"].keys()
+    cpu = workloads["c_concurrent"]
+    assert cpu["executor_cpu_ms"] > 0  # the executor's tree did the work, reaped guests included
+    assert cpu["client_cpu_ms"] > 0
     assert {"peak_mib", "idle_mib", "pss_peak_mib", "pss_idle_mib"} <= workloads["d_rss"].keys()
 
 
@@ -56,3 +60,13 @@ def test_growth_smoke(tmp_path: Path) -> None:
     assert {"calls", "per_call_ms"} <= series["tool_calls"][0].keys()
     assert {"bytes", "p50_ms"} <= series["tool_arg_size"][0].keys()
     assert {"in_flight", "exec_per_s", "p50_ms", "p99_ms"} <= series["concurrency"][0].keys()
+
+
+@pytest.mark.timeout(60)
+def test_floor_smoke(tmp_path: Path) -> None:
+    """``bench/floor.py --smoke`` exits 0 and writes each transport figure."""
+    doc = _run("floor.py", tmp_path)
+    figures = doc["workloads"]
+    for key in ("grpc_pingpong_us", "grpc_call_us", "to_thread_us", "unix_pingpong_us"):
+        assert figures[key] > 0
+    assert figures["tool_call_floor_sync_us"] > figures["tool_call_floor_async_us"]
