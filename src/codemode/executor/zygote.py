@@ -12,15 +12,19 @@ child's control socket), it forks a child that is pid 1 of a new pid namespace
 (``unshare(CLONE_NEWPID)``, ``fork``, ``setns`` back), and the child, before it runs anything
 of the program:
 
-1. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
-2. unshares net, mount, ipc and uts namespaces; makes every mount private; mounts a fresh
+1. joins an empty network namespace that no other process uses (:class:`NetnsLease`: one
+   lent by the zygote, made for it or given back when an earlier child was reaped);
+2. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
+3. unshares mount, ipc and uts namespaces; makes every mount private; mounts a fresh
    size-bounded tmpfs on ``/tmp`` and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
-3. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
+4. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
    changes to its own non-root uid/gid (which empties the other capability sets), clears the
    inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
    re-arms ``PR_SET_PDEATHSIG`` and installs the seccomp filter (BPF compiled by the service,
    passed in once at start-up);
-4. makes its stdout and stderr pipes and writes one byte on its control socket with their read
+5. runs a dummy program through the guest runtime (:func:`guest.warm_up`), so that the
+   copy-on-write faults of a first run are taken before the request;
+6. makes its stdout and stderr pipes and writes one byte on its control socket with their read
    ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``,
    puts it in its cgroups and keeps the read ends; a request then only writes the start frame
    on the control socket, which is the channel (or sends a channel, stdout and stderr of its
@@ -151,6 +155,12 @@ class Config:
         self.seccomp_bpf = seccomp_bpf
         self._filter = ctypes.create_string_buffer(seccomp_bpf, len(seccomp_bpf))
         self.prog = _SockFilterProg(len(seccomp_bpf) // 8, ctypes.addressof(self._filter))
+        # Made once here rather than in every child (a ctypes array type costs ~50 page faults
+        # to build after a fork): capset's arguments, all sets empty.
+        self.cap_header = ctypes.pointer(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0))
+        self.cap_data = (_CapData * 2)()
+        #: Capabilities still in the bounding set, for each child to drop (set by main()).
+        self.bounding_set: list[int] = _bounding_set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +177,7 @@ def _keep_only_control(control_fd: int, devnull: int) -> None:
 
 
 def _fresh_mounts(tmpfs_bytes: int) -> None:
-    _check(_libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     scratch = f"size={tmpfs_bytes},mode=1777"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
@@ -186,18 +196,13 @@ def _fresh_mounts(tmpfs_bytes: int) -> None:
 def _drop_privileges(uid: int, config: Config) -> None:
     for which, value in config.rlimits.items():
         resource.setrlimit(which, (value, value))
-    cap = 0
-    while _prctl(PR_CAPBSET_DROP, cap) == 0:
-        cap += 1
-    if ctypes.get_errno() != errno.EINVAL:
-        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    for cap in config.bounding_set:  # what the zygote kept; the rest it dropped at start
+        _check(_prctl(PR_CAPBSET_DROP, cap), "PR_CAPBSET_DROP")
     _check(_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL), "PR_CAP_AMBIENT")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # a non-zero uid empties the permitted and effective sets
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.capset(ctypes.byref(header), data), "capset")  # and the inheritable set
+    _check(_libc.capset(config.cap_header, config.cap_data), "capset")  # and the inheritable set
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
     # The uid change made the process non-dumpable, which would leave its /proc/self files
     # to root (unreadable to the program itself); an exec would have reset it, as here. Only
@@ -264,10 +269,14 @@ def _await_request(out_w: int, err_w: int) -> tuple[int, bytes]:
     return channel, data
 
 
-def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
-    """Everything between the fork and the program; never returns."""
+def child_main(control_fd: int, uid: int, config: Config, devnull: int, netns: int) -> None:
+    """Everything between the fork and the program; never returns.
+
+    ``netns``: the network namespace this child alone may use (see :class:`NetnsLease`).
+    """
     code = EXIT_SETUP_FAILED
     try:
+        _check(_libc.setns(netns, CLONE_NEWNET), "setns(CLONE_NEWNET)")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _keep_only_control(control_fd, devnull)
@@ -289,6 +298,61 @@ def child_main(control_fd: int, uid: int, config: Config, devnull: int) -> None:
 # The zygote
 
 
+class NetnsLease:
+    """Empty network namespaces, each lent to one child at a time and taken back at its reaping.
+
+    Making a network namespace costs ~270 us in the child, and destroying one costs a kernel
+    worker about as much again plus an expedited RCU grace period (an IPI to every CPU), for
+    each execution. So a namespace outlives its child and is lent to a later one, never to
+    two at once. Nothing of the earlier child is left in it when it is lent again:
+
+    - it is taken back only when the zygote reaps the child, which is pid 1 of its own pid
+      namespace; the kernel reaps every other process of that namespace before pid 1 can be
+      reaped, and no process of an execution is outside it (seccomp denies new namespaces, so
+      nothing can nest elsewhere), so no socket of the execution is open any more;
+    - a child can change nothing that outlives its sockets: it has no capability in the
+      namespace's owner (the initial user namespace), so it cannot bring ``lo`` up, add an
+      interface, a route, a firewall rule or a sysctl; with ``lo`` down no TCP state (such as
+      TIME_WAIT) can exist, and abstract Unix names go with their sockets.
+
+    Made by the zygote (``unshare`` then ``setns`` back), ``CAP_SYS_ADMIN`` being one it keeps.
+    """
+
+    #: Namespaces kept for reuse beyond those lent out; more are released.
+    MAX_FREE = 64
+
+    def __init__(self) -> None:
+        self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.free: list[int] = []
+        self.lent: dict[int, int] = {}  # child pid -> namespace fd
+
+    def take(self) -> int:
+        """A namespace no child uses: one given back, else a new one."""
+        if self.free:
+            return self.free.pop()
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            _check(_libc.setns(self.own, CLONE_NEWNET), "setns back")
+        return fd
+
+    def lend(self, pid: int, fd: int) -> None:
+        self.lent[pid] = fd
+
+    def give_back(self, fd: int) -> None:
+        """Return a namespace that no process uses (never lent, or its child reaped)."""
+        if len(self.free) < self.MAX_FREE:
+            self.free.append(fd)
+        else:
+            os.close(fd)
+
+    def reaped(self, pid: int) -> None:
+        fd = self.lent.pop(pid, None)
+        if fd is not None:
+            self.give_back(fd)
+
+
 class Zygote:
     """The fork loop: requests on the control socket, exits reported as they happen."""
 
@@ -298,6 +362,7 @@ class Zygote:
         self.children: dict[int, int] = {}  # pid -> request id
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.netns = NetnsLease()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def send(self, kind: bytes, body: dict[str, Any]) -> None:
@@ -306,14 +371,21 @@ class Zygote:
     def fork(self, request: int, uid: int, control_fd: int) -> None:
         # The next child is pid 1 of a new pid namespace; the zygote's own children after it
         # would join that namespace, so it goes back to its own right after the fork.
-        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        netns = self.netns.take()
+        try:
+            _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        except OSError:
+            self.netns.give_back(netns)
+            raise
         try:
             pid = os.fork()
         except OSError:
             _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
+            self.netns.give_back(netns)
             raise
         if pid == 0:
-            child_main(control_fd, uid, self.config, self.devnull)
+            child_main(control_fd, uid, self.config, self.devnull, netns)
+        self.netns.lend(pid, netns)
         _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
         os.close(control_fd)
         self.children[pid] = request  # the child reports itself (its ready byte)
@@ -326,6 +398,7 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            self.netns.reaped(pid)  # its pid namespace is empty: nothing uses it any more
             request = self.children.pop(pid, None)
             if request is not None:
                 self.send(b"X", {"id": request, "status": status})
@@ -378,6 +451,14 @@ class Zygote:
                 elif not self.handle():
                     return  # the service closed the control socket: stop (children die)
             self.reap()
+
+
+def _bounding_set() -> list[int]:
+    """The capabilities in this process's bounding set."""
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("CapBnd:"))
+    mask = int(line.split()[1], 16)
+    return [cap for cap in range(64) if mask & (1 << cap)]
 
 
 def _narrow_bounding_set() -> None:
