@@ -340,7 +340,7 @@ def test_guest_reports_then_waits_for_the_channel_to_close_at_low_priority() -> 
 
 
 def test_warm_up_leaves_nothing_for_the_program() -> None:
-    """The fork server's dummy run leaves no line-cache entry; a program's globals are fresh."""
+    """The fork server's warm-up leaves no line-cache entry; a program's globals are fresh."""
     import linecache
 
     from codemode.executor import guest

@@ -22,8 +22,7 @@ of the program:
    inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
    re-arms ``PR_SET_PDEATHSIG`` and installs the seccomp filter (BPF compiled by the service,
    passed in once at start-up);
-5. runs a dummy program through the guest runtime (:func:`guest.warm_up`), so that the
-   copy-on-write faults of a first run are taken before the request;
+5. takes a request's first-run copy-on-write faults ahead (:func:`guest.warm_up`);
 6. makes its stdout and stderr pipes and writes one byte on its control socket with their read
    ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``,
    puts it in its cgroups and keeps the read ends; a request then only writes the start frame
