@@ -319,3 +319,35 @@ async def test_a_reused_network_namespace_keeps_nothing_of_the_last_execution() 
     # The header and the probe's own socket: none of the earlier program's is left.
     assert len(unix_lines) == 2, unix_lines
     assert not any("left-behind" in line for line in unix_lines)
+
+
+async def test_guests_forked_without_the_at_fork_hooks_are_sound(backend: ForkServerBackend) -> None:
+    """The zygote forks with libc's fork (zygote._fork): threads, asyncio, subprocesses and
+    random numbers still work as after os.fork, and no two guests share a random stream."""
+    code = textwrap.dedent(
+        """
+        import asyncio, random, subprocess, sys, threading
+        box = []
+        t = threading.Thread(target=lambda: box.append(threading.get_ident()))
+        t.start(); t.join()
+        async def main():
+            await asyncio.sleep(0)
+            return threading.current_thread() is threading.main_thread()
+        child = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+        result = [random.getrandbits(64), len(box), asyncio.run(main()), child.stdout.strip()]
+        """
+    )
+    first, second = [(await run(backend, code)).result for _ in range(2)]
+    assert first[1:] == second[1:] == [1, True, "42"]
+    assert first[0] != second[0]
+
+
+def test_after_a_raw_fork_random_is_reseeded() -> None:
+    """If the zygote had imported random, _after_fork gives each child its own stream."""
+    import random
+
+    from codemode.executor import zygote
+
+    state = random.getstate()
+    zygote._after_fork()
+    assert random.getstate() != state
