@@ -8,7 +8,7 @@ Codemode code in the way:
 - ``grpc_pingpong``: one message each way on an open grpc.aio bidirectional stream between two
   processes (what relaying a tool call from the executor to the application and back costs);
 - ``grpc_call``: open a bidirectional stream, one message each way, close (the gRPC part of
-  one execution);
+  one execution), with the CPU it costs each side;
 - ``to_thread``: ``asyncio.to_thread`` of a function that returns at once (how the client runs
   a sync tool: never on the event loop);
 - ``unix_pingpong``: one byte each way over a Unix socket pair between two processes (the
@@ -64,11 +64,12 @@ async def _serve() -> None:
     await server.wait_for_termination()
 
 
-async def _grpc(port: int, messages: int, calls: int, reps: int) -> dict[str, Any]:
+async def _grpc(port: int, server_pid: int, messages: int, calls: int, reps: int) -> dict[str, Any]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stream = channel.stream_stream(_METHOD, request_serializer=_same, response_deserializer=_same)
     await channel.channel_ready()
     pingpong, call_open = [], []
+    call_cpu: list[dict[str, float]] = []
     for _ in range(reps):
         call = stream()
         await call.write(b"x")
@@ -81,19 +82,29 @@ async def _grpc(port: int, messages: int, calls: int, reps: int) -> dict[str, An
         await call.done_writing()
         await call.code()
         samples = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            call = stream()
-            await call.write(b"x" * 32)
-            await call.read()
-            await call.done_writing()
-            await call.code()
-            samples.append(time.perf_counter() - start)
+        cpu = benchlib.CpuMeter(server_pid)
+        with cpu:
+            for _ in range(calls):
+                start = time.perf_counter()
+                call = stream()
+                await call.write(b"x" * 32)
+                await call.read()
+                await call.done_writing()
+                await call.code()
+                samples.append(time.perf_counter() - start)
         call_open.append(statistics.median(samples))
+        call_cpu.append(cpu.per_execution_ms(calls))
     await channel.close()
     return {
         "grpc_pingpong_us": round(statistics.median(pingpong) * 1e6, 1),
         "grpc_call_us": round(statistics.median(call_open) * 1e6, 1),
+        # CPU of one such call on each side (ms -> us), from /proc over the calls.
+        "grpc_call_client_cpu_us": round(
+            statistics.median(c["client_cpu_ms"] for c in call_cpu) * 1000, 1
+        ),
+        "grpc_call_server_cpu_us": round(
+            statistics.median(c["executor_cpu_ms"] for c in call_cpu) * 1000, 1
+        ),
     }
 
 
@@ -141,7 +152,7 @@ def measure(smoke: bool) -> dict[str, Any]:
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        out = asyncio.run(_grpc(port, messages, calls, reps))
+        out = asyncio.run(_grpc(port, server.pid, messages, calls, reps))
     finally:
         server.kill()
         server.wait()
@@ -157,6 +168,8 @@ def measure(smoke: bool) -> dict[str, Any]:
 _ROWS = [
     ("grpc_pingpong_us", "grpc.aio, one message each way on an open stream"),
     ("grpc_call_us", "grpc.aio, open a stream + one message each way + close"),
+    ("grpc_call_client_cpu_us", "  CPU of that call in the client"),
+    ("grpc_call_server_cpu_us", "  CPU of that call in the server"),
     ("to_thread_us", "asyncio.to_thread round trip (a sync tool's hand-off)"),
     ("unix_pingpong_us", "Unix socket pair, one byte each way between two processes"),
     ("tool_call_floor_async_us", "floor of a tool round trip, async tool"),
