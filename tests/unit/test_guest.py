@@ -228,6 +228,63 @@ def test_parallel_async_tool_calls_get_their_own_answers() -> None:
     assert run.value == [10, 20]
 
 
+def _times_ten_in_reverse(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
+    replies = [
+        ({"t": "reply", "id": c["id"], "ok": True}, json.dumps(c["arguments"]["args"][0] * 10))
+        for c in calls
+    ]
+    return [(head, body.encode()) for head, body in replies[::-1]]
+
+
+def test_sequential_sync_calls_read_their_replies_without_a_thread() -> None:
+    """Sync calls one after another: the caller reads each reply itself, no thread starts."""
+    run = run_guest(
+        "import threading\n"
+        "values = [tools.f(i) for i in range(5)]\n"
+        "result = [values, threading.active_count()]",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+    )
+    assert run.value == [[0, 10, 20, 30, 40], 1]
+
+
+def test_sync_calls_from_two_threads_each_get_their_own_answer() -> None:
+    """One thread reads the channel while another's call is in flight: the replies, answered
+    together and in reverse order, reach the right callers, and later calls still work."""
+    run = run_guest(
+        "import threading\n"
+        "barrier = threading.Barrier(2)\n"
+        "out = {}\n"
+        "def work(n):\n"
+        "    barrier.wait()\n"
+        "    out[n] = tools.f(n)\n"
+        "threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "result = [out[1], out[2]]",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+        batch=2,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == [10, 20]
+
+
+def test_sync_and_async_calls_mix() -> None:
+    """A sync call, then gathered async calls (the reader thread takes over), then sync again."""
+    run = run_guest(
+        "import asyncio\n"
+        "a = tools.f(1)\n"
+        "b = await asyncio.gather(tools['f'].run_async(2), tools['f'].run_async(3))\n"
+        "c = tools.f(4)\n"
+        "result = [a, b, c]",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == [10, [20, 30], 40]
+
+
 def test_tool_error_is_raised_as_the_builtin_type() -> None:
     """A tool's ValueError reply is raised as ValueError in the program, with its message."""
 

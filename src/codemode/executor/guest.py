@@ -169,9 +169,12 @@ class _Waiter:
 class Relay:
     """Sends tool calls to the service and routes replies back to their callers.
 
-    Sync calls block their thread; async calls await a future on their own loop. A reader
-    thread, started at the first call, dispatches replies, so calls from several threads or
-    tasks may be in flight at once.
+    Sync calls block their thread; async calls await a future on their own loop. Replies are
+    read by one reader at a time, which hands each to its caller, so calls from several
+    threads or tasks may be in flight at once. While no reader thread runs, a sync call reads
+    the channel itself (no thread hand-off per reply, and no thread at all for a program
+    whose tool calls are all sync and sequential); the first async call, or a call made while
+    another one is reading, starts the reader thread, which then reads for everyone.
     """
 
     def __init__(self, channel: Channel, tool_names: frozenset[str]) -> None:
@@ -181,36 +184,47 @@ class Relay:
         self._pending: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self._reading_directly = False  # a sync caller is reading the channel itself
         self._closed: BaseException | None = None
 
-    def _ensure_reader(self) -> None:
-        with self._lock:
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read_loop, daemon=True)
-                self._reader.start()
+    def _start_reader_locked(self) -> None:
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read_loop, daemon=True)
+            self._reader.start()
 
-    def _read_loop(self) -> None:
+    def _read_one(self) -> None:
+        """Read one frame and hand a reply to its caller; exits if the service is gone."""
         try:
-            while True:
-                header, payload = self._channel.recv()
-                if header.get("t") != "reply":
-                    continue
-                with self._lock:
-                    waiter = self._pending.pop(str(header.get("id")), None)
-                if waiter is None:
-                    continue
-                waiter.header, waiter.payload = header, payload
-                if waiter.future is not None:
-                    waiter.loop.call_soon_threadsafe(_resolve, waiter)
-                waiter.done.set()
+            header, payload = self._channel.recv()
         except (EOFError, OSError, ProtocolError) as exc:
             # The service is gone: no answer will come, and nothing may run unattended.
             self._closed = exc
             os._exit(70)
+        if header.get("t") != "reply":
+            return
+        with self._lock:
+            waiter = self._pending.pop(str(header.get("id")), None)
+        if waiter is None:
+            return
+        waiter.header, waiter.payload = header, payload
+        if waiter.future is not None:
+            waiter.loop.call_soon_threadsafe(_resolve, waiter)
+        waiter.done.set()
+
+    def _read_loop(self) -> None:
+        while True:
+            self._read_one()
 
     def _submit(
-        self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: _Waiter
-    ) -> None:
+        self,
+        tool: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        waiter: _Waiter,
+        *,
+        may_read: bool,
+    ) -> bool:
+        """Send the call; True if the caller is to read replies itself until its own comes."""
         if tool not in self.tool_names:
             raise AttributeError(_unknown_tool_message(tool, self.tool_names))
         try:
@@ -220,15 +234,31 @@ class Relay:
                 f"arguments to tool {tool!r} must be JSON-serialisable: {exc}"
             ) from None
         call_id = str(next(self._ids))
-        self._ensure_reader()
+        reads = False
         with self._lock:
+            # Registered, and who reads decided, under one lock: a reply is never left unread.
             self._pending[call_id] = waiter
+            if self._reader is None and not self._reading_directly:
+                if may_read:
+                    self._reading_directly = reads = True
+                else:
+                    self._start_reader_locked()
         self._channel.send({"t": "call", "id": call_id, "tool": tool}, payload)
+        return reads
 
     def call(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter = _Waiter()
-        self._submit(tool, args, kwargs, waiter)
-        waiter.done.wait()
+        if self._submit(tool, args, kwargs, waiter, may_read=True):
+            try:
+                while not waiter.done.is_set():
+                    self._read_one()
+            finally:
+                with self._lock:
+                    self._reading_directly = False
+                    if self._pending:  # others called meanwhile: a thread reads for them now
+                        self._start_reader_locked()
+        else:
+            waiter.done.wait()
         return _outcome(tool, waiter.header, waiter.payload)
 
     async def call_async(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -236,7 +266,7 @@ class Relay:
 
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop=loop, future=loop.create_future())
-        self._submit(tool, args, kwargs, waiter)
+        self._submit(tool, args, kwargs, waiter, may_read=False)
         await waiter.future
         return _outcome(tool, waiter.header, waiter.payload)
 
