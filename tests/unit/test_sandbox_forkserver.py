@@ -321,7 +321,7 @@ async def test_a_reused_network_namespace_keeps_nothing_of_the_last_execution() 
     assert not any("left-behind" in line for line in unix_lines)
 
 
-async def test_guests_forked_without_the_at_fork_hooks_are_sound(backend: ForkServerBackend) -> None:
+async def test_guests_forked_without_at_fork_hooks_are_sound(backend: ForkServerBackend) -> None:
     """The zygote forks with libc's fork (zygote._fork): threads, asyncio, subprocesses and
     random numbers still work as after os.fork, and no two guests share a random stream."""
     code = textwrap.dedent(
@@ -333,7 +333,9 @@ async def test_guests_forked_without_the_at_fork_hooks_are_sound(backend: ForkSe
         async def main():
             await asyncio.sleep(0)
             return threading.current_thread() is threading.main_thread()
-        child = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True
+        )
         result = [random.getrandbits(64), len(box), asyncio.run(main()), child.stdout.strip()]
         """
     )
