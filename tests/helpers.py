@@ -41,6 +41,19 @@ class ProcRef:
     starttime: int
     cmdline: str
 
+    def describe(self) -> str:
+        """State, kernel wait channel, nice value and pending signals, for a failure message."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            wchan = Path(f"/proc/{self.pid}/wchan").read_text()
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError as exc:
+            return f"pid {self.pid}: {exc}"
+        keep = ("State", "SigPnd", "ShdPnd", "SigBlk", "Uid", "Threads")
+        lines = [line for line in status.splitlines() if line.split(":")[0] in keep]
+        nice = stat[stat.rindex(")") + 2 :].split()[16]
+        return f"pid {self.pid} wchan={wchan} nice={nice} " + "; ".join(lines)
+
     def alive(self) -> bool:
         """Whether this very process still exists and is not a zombie."""
         stat = _stat(self.pid)

@@ -496,7 +496,7 @@ async def contained(
     yield
     # Nothing of the attack runs any more: no process seen running it, and no busy sandbox.
     left = await asyncio.to_thread(wait_gone, sampler.busy_seen, 5.0)
-    assert not left, f"processes of the attack outlived it: {left}"
+    assert not left, f"processes of the attack outlived it: {[p.describe() for p in left]}"
     idle = await asyncio.to_thread(wait_until, lambda: not busy_sandbox_processes(sec_server), 5)
     assert idle, f"sandbox processes left after the attack: {busy_sandbox_processes(sec_server)}"
     assert sec_server.proc.poll() is None, "the service died"
