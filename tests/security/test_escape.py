@@ -534,7 +534,11 @@ async def test_memory_bomb_across_children(app: App, host: Host, sampler: Sample
         """
     )
     result = await app.run(code)
-    assert sampler.max_pss_per_uid <= MEMORY * 1.1, sampler.max_pss_per_uid
+    # One pass of the sampler reads the children's smaps_rollup one after the other, not at
+    # once: a child it has counted can be killed and another fill its place before the pass
+    # ends, so a pass may count up to one child's block twice (seen: 142 MiB). Without the
+    # limit the children would hold 480 MiB.
+    assert sampler.max_pss_per_uid <= MEMORY + (60 << 20), sampler.max_pss_per_uid
     if result.success:  # the OOM killer took the children; the parent reports it
         assert any(status != 0 for status in result.value), result.value
     else:

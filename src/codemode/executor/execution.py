@@ -332,8 +332,8 @@ async def run_execution(
         relay_task = asyncio.create_task(relay.run())
         exit_task = asyncio.create_task(guest.wait())
         tasks += [relay_task, exit_task]
-        # The start frame goes last, so that the loop sleeps right after it: the guest was
-        # woken onto this CPU (a Unix socket write is a "sync" wake-up) and runs only then.
+        # The start frame goes last: the loop has nothing left to do once it has woken the
+        # guest, which the kernel may have placed on this very CPU.
         writer.write(encode_frame(header, code.encode()))
         try:
             await writer.drain()

@@ -200,7 +200,7 @@ class Config:
         # to build after a fork): capset's arguments, all sets empty.
         self.cap_header = ctypes.pointer(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0))
         self.cap_data = (_CapData * 2)()
-        #: Capabilities still in the bounding set, for each child to drop (set by main()).
+        #: Capabilities left in the bounding set once main() has narrowed it: each child drops them.
         self.bounding_set: list[int] = _bounding_set()
 
 
