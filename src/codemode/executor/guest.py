@@ -37,6 +37,8 @@ from typing import Any, NoReturn
 FRAME_HEADER = struct.Struct(">II")
 #: Filename under which the user's code is compiled; tracebacks keep only these frames.
 USER_FILENAME = "<codemode>"
+#: Longest a guest waits, after sending its outcome, for the service to kill it, ms.
+LINGER_MS = 5000
 #: Largest header a peer may send; payloads are bounded by the limits in the start frame.
 MAX_HEADER_BYTES = 1 << 20
 #: A deep traceback keeps this many outermost and innermost frames.
@@ -139,7 +141,7 @@ class Channel:
         poller = select.poll()
         poller.register(self._sock, select.POLLRDHUP)
         with contextlib.suppress(InterruptedError, OSError):
-            poller.poll()
+            poller.poll(LINGER_MS)  # bounded, should the service fail to kill or close
 
     def recv(self) -> tuple[dict[str, Any], bytes]:
         head_len, payload_len = FRAME_HEADER.unpack(self._read_exactly(FRAME_HEADER.size))
@@ -602,8 +604,6 @@ def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     channel.send(*done)
-    with contextlib.suppress(OSError):
-        os.nice(19)  # what is left (the exit) is background work: the next program goes first
     channel.wait_closed()
     return 0
 
