@@ -285,6 +285,59 @@ def test_sync_and_async_calls_mix() -> None:
     assert run.value == [10, [20, 30], 40]
 
 
+def test_async_calls_from_one_loop_are_read_by_that_loop() -> None:
+    """Gathered async calls: the program's event loop reads the replies, no thread starts."""
+    run = run_guest(
+        "import asyncio, threading\n"
+        "values = await asyncio.gather(*(tools['f'].run_async(i) for i in range(4)))\n"
+        "more = await asyncio.gather(*(tools['f'].run_async(i) for i in range(5, 9)))\n"
+        "result = [values, more, threading.active_count()]",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+        batch=4,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == [[0, 10, 20, 30], [50, 60, 70, 80], 1]
+
+
+def test_sync_call_inside_a_coroutine_while_its_loop_reads() -> None:
+    """A sync call made on the thread of the loop that reads reads for it meanwhile: the two
+    replies, answered together in reverse order, reach the right callers."""
+    run = run_guest(
+        "import asyncio\n"
+        "async def main():\n"
+        "    pending = asyncio.ensure_future(tools['f'].run_async(1))\n"
+        "    await asyncio.sleep(0)\n"
+        "    now = tools.f(2)\n"
+        "    return [await pending, now]\n"
+        "result = await main()",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+        batch=2,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == [10, 20]
+
+
+def test_a_cancelled_async_call_leaves_the_channel_to_the_next_one() -> None:
+    """An async call given up on (timeout) stops its loop reading; a later sync call reads its
+    own reply, and the late reply to the cancelled call is dropped."""
+    run = run_guest(
+        "import asyncio\n"
+        "try:\n"
+        "    await asyncio.wait_for(tools['f'].run_async(1), 0.05)\n"
+        "    first = 'answered'\n"
+        "except TimeoutError:\n"
+        "    first = 'timed out'\n"
+        "result = [first, tools.f(2)]",
+        tools=("f",),
+        answer=_times_ten_in_reverse,
+        batch=2,
+    )
+    assert run.done["ok"], run.done
+    assert run.value == ["timed out", 20]
+
+
 def test_tool_error_is_raised_as_the_builtin_type() -> None:
     """A tool's ValueError reply is raised as ValueError in the program, with its message."""
 

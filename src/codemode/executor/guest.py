@@ -130,6 +130,9 @@ class Channel:
             buf += chunk
         return bytes(buf)
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def wait_closed(self) -> None:
         """Sleep until the service closes its end (it kills this process first, normally).
 
@@ -168,15 +171,27 @@ class _Waiter:
         self.future = future
 
 
+_WAIT, _READ, _NESTED, _LOOP = range(4)
+
+
 class Relay:
     """Sends tool calls to the service and routes replies back to their callers.
 
     Sync calls block their thread; async calls await a future on their own loop. Replies are
     read by one reader at a time, which hands each to its caller, so calls from several
-    threads or tasks may be in flight at once. While no reader thread runs, a sync call reads
-    the channel itself (no thread hand-off per reply, and no thread at all for a program
-    whose tool calls are all sync and sequential); the first async call, or a call made while
-    another one is reading, starts the reader thread, which then reads for everyone.
+    threads or tasks may be in flight at once. Who reads, decided under the lock that also
+    registers each call (so no reply is ever left unread):
+
+    - while nobody reads, a sync call reads the channel itself until its reply has come;
+    - while nobody reads, an async call makes its event loop the reader (``add_reader``)
+      until that loop has no call in flight any more;
+    - a sync call made on the thread of the reading loop (a sync tool call inside a
+      coroutine) reads for the loop meanwhile, as the loop cannot;
+    - a reader that stops while other calls wait starts the reader thread, which then reads
+      for everyone until the end.
+
+    So a program whose calls are all sync, or all async from one loop, has no thread hand-off
+    per reply and no reader thread.
     """
 
     def __init__(self, channel: Channel, tool_names: frozenset[str]) -> None:
@@ -187,6 +202,8 @@ class Relay:
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._reading_directly = False  # a sync caller is reading the channel itself
+        self._loop_reader: Any = None  # the event loop reading the channel, if one does
+        self._loop_calls = 0  # calls in flight from that loop
         self._closed: BaseException | None = None
 
     def _start_reader_locked(self) -> None:
@@ -210,23 +227,40 @@ class Relay:
             return
         waiter.header, waiter.payload = header, payload
         if waiter.future is not None:
-            waiter.loop.call_soon_threadsafe(_resolve, waiter)
+            if waiter.loop is _running_loop():
+                _resolve(waiter)  # read by its own loop
+            else:
+                waiter.loop.call_soon_threadsafe(_resolve, waiter)
         waiter.done.set()
 
     def _read_loop(self) -> None:
         while True:
             self._read_one()
 
+    def _role_locked(self, loop: Any) -> int:
+        """Who reads for a call just registered; ``loop`` is the async caller's, else None."""
+        if self._loop_reader is not None and self._loop_reader.is_closed():
+            self._loop_reader, self._loop_calls = None, 0  # closed with calls in flight
+        if self._reader is not None:
+            return _WAIT
+        if loop is None:
+            if not self._reading_directly and self._loop_reader is None:
+                self._reading_directly = True
+                return _READ
+            if self._loop_reader is not None and self._loop_reader is _running_loop():
+                return _NESTED  # the reading loop is blocked in this very call
+            return _WAIT
+        if not self._reading_directly and self._loop_reader is None:
+            self._loop_reader, self._loop_calls = loop, 1
+            return _LOOP
+        if self._loop_reader is loop:
+            self._loop_calls += 1
+        return _WAIT
+
     def _submit(
-        self,
-        tool: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        waiter: _Waiter,
-        *,
-        may_read: bool,
-    ) -> bool:
-        """Send the call; True if the caller is to read replies itself until its own comes."""
+        self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any], waiter: _Waiter
+    ) -> tuple[str, int]:
+        """Register and send the call; (its id, who reads its reply)."""
         if tool not in self.tool_names:
             raise AttributeError(_unknown_tool_message(tool, self.tool_names))
         try:
@@ -236,31 +270,27 @@ class Relay:
                 f"arguments to tool {tool!r} must be JSON-serialisable: {exc}"
             ) from None
         call_id = str(next(self._ids))
-        reads = False
         with self._lock:
-            # Registered, and who reads decided, under one lock: a reply is never left unread.
             self._pending[call_id] = waiter
-            if self._reader is None and not self._reading_directly:
-                if may_read:
-                    self._reading_directly = reads = True
-                else:
-                    self._start_reader_locked()
+            role = self._role_locked(waiter.loop)
         self._channel.send({"t": "call", "id": call_id, "tool": tool}, payload)
-        return reads
+        return call_id, role
 
     def call(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         waiter = _Waiter()
-        if self._submit(tool, args, kwargs, waiter, may_read=True):
+        _, role = self._submit(tool, args, kwargs, waiter)
+        if role == _WAIT:
+            waiter.done.wait()
+        else:
             try:
                 while not waiter.done.is_set():
                     self._read_one()
             finally:
-                with self._lock:
-                    self._reading_directly = False
-                    if self._pending:  # others called meanwhile: a thread reads for them now
-                        self._start_reader_locked()
-        else:
-            waiter.done.wait()
+                if role == _READ:
+                    with self._lock:
+                        self._reading_directly = False
+                        if self._pending:  # others called meanwhile: a thread reads for them
+                            self._start_reader_locked()
         return _outcome(tool, waiter.header, waiter.payload)
 
     async def call_async(self, tool: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -268,9 +298,39 @@ class Relay:
 
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop=loop, future=loop.create_future())
-        self._submit(tool, args, kwargs, waiter, may_read=False)
-        await waiter.future
+        call_id, role = self._submit(tool, args, kwargs, waiter)
+        if role == _LOOP:
+            try:
+                loop.add_reader(self._channel.fileno(), self._read_one)
+            except (NotImplementedError, RuntimeError):  # a loop without add_reader
+                with self._lock:
+                    self._loop_reader, self._loop_calls = None, 0
+                    self._start_reader_locked()
+        try:
+            await waiter.future
+        finally:
+            self._call_ended(loop, call_id)
         return _outcome(tool, waiter.header, waiter.payload)
+
+    def _call_ended(self, loop: Any, call_id: str) -> None:
+        """On ``loop``, after one of its calls: stop reading there if it was the last one."""
+        stop = False
+        with self._lock:
+            self._pending.pop(call_id, None)  # still there only if the call was cancelled
+            if self._loop_reader is loop:
+                self._loop_calls -= 1
+                if self._loop_calls <= 0:
+                    self._loop_reader, self._loop_calls, stop = None, 0, True
+                    if self._pending:  # others wait: a thread reads for them now
+                        self._start_reader_locked()
+        if stop:
+            loop.remove_reader(self._channel.fileno())
+
+
+def _running_loop() -> Any:
+    """This thread's running event loop, without importing asyncio for it."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio._get_running_loop() if asyncio is not None else None
 
 
 def _resolve(waiter: _Waiter) -> None:
