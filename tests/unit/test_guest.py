@@ -228,30 +228,19 @@ def test_parallel_async_tool_calls_get_their_own_answers() -> None:
     assert run.value == [10, 20]
 
 
-def _times_ten_in_reverse(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
-    replies = [
-        ({"t": "reply", "id": c["id"], "ok": True}, json.dumps(c["arguments"]["args"][0] * 10))
-        for c in calls
-    ]
-    return [(head, body.encode()) for head, body in replies[::-1]]
-
-
-def test_sequential_sync_calls_read_their_replies_without_a_thread() -> None:
-    """Sync calls one after another: the caller reads each reply itself, no thread starts."""
-    run = run_guest(
+#: How a program may call tools, as (program, calls answered together, expected result). The
+#: harness answers each batch in reverse order; see Relay in guest.py for who reads replies.
+RELAY_CASES: dict[str, tuple[str, int, Any]] = {
+    # The caller reads each reply itself: no thread starts.
+    "sequential sync calls": (
         "import threading\n"
         "values = [tools.f(i) for i in range(5)]\n"
         "result = [values, threading.active_count()]",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-    )
-    assert run.value == [[0, 10, 20, 30, 40], 1]
-
-
-def test_sync_calls_from_two_threads_each_get_their_own_answer() -> None:
-    """One thread reads the channel while another's call is in flight: the replies, answered
-    together and in reverse order, reach the right callers, and later calls still work."""
-    run = run_guest(
+        1,
+        [[0, 10, 20, 30, 40], 1],
+    ),
+    # One thread reads while the other's call is in flight.
+    "sync calls from two threads": (
         "import threading\n"
         "barrier = threading.Barrier(2)\n"
         "out = {}\n"
@@ -262,48 +251,29 @@ def test_sync_calls_from_two_threads_each_get_their_own_answer() -> None:
         "[t.start() for t in threads]\n"
         "[t.join() for t in threads]\n"
         "result = [out[1], out[2]]",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-        batch=2,
-    )
-    assert run.done["ok"], run.done
-    assert run.value == [10, 20]
-
-
-def test_sync_and_async_calls_mix() -> None:
-    """A sync call, then gathered async calls (the reader thread takes over), then sync again."""
-    run = run_guest(
+        2,
+        [10, 20],
+    ),
+    "sync, gathered async, then sync": (
         "import asyncio\n"
         "a = tools.f(1)\n"
         "b = await asyncio.gather(tools['f'].run_async(2), tools['f'].run_async(3))\n"
         "c = tools.f(4)\n"
         "result = [a, b, c]",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-    )
-    assert run.done["ok"], run.done
-    assert run.value == [10, [20, 30], 40]
-
-
-def test_async_calls_from_one_loop_are_read_by_that_loop() -> None:
-    """Gathered async calls: the program's event loop reads the replies, no thread starts."""
-    run = run_guest(
+        1,
+        [10, [20, 30], 40],
+    ),
+    # The program's event loop reads the replies: no thread starts.
+    "gathered async calls": (
         "import asyncio, threading\n"
         "values = await asyncio.gather(*(tools['f'].run_async(i) for i in range(4)))\n"
         "more = await asyncio.gather(*(tools['f'].run_async(i) for i in range(5, 9)))\n"
         "result = [values, more, threading.active_count()]",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-        batch=4,
-    )
-    assert run.done["ok"], run.done
-    assert run.value == [[0, 10, 20, 30], [50, 60, 70, 80], 1]
-
-
-def test_sync_call_inside_a_coroutine_while_its_loop_reads() -> None:
-    """A sync call made on the thread of the loop that reads reads for it meanwhile: the two
-    replies, answered together in reverse order, reach the right callers."""
-    run = run_guest(
+        4,
+        [[0, 10, 20, 30], [50, 60, 70, 80], 1],
+    ),
+    # A sync call on the thread of the reading loop reads for the loop meanwhile.
+    "sync call inside a coroutine while its loop reads": (
         "import asyncio\n"
         "async def main():\n"
         "    pending = asyncio.ensure_future(tools['f'].run_async(1))\n"
@@ -311,18 +281,11 @@ def test_sync_call_inside_a_coroutine_while_its_loop_reads() -> None:
         "    now = tools.f(2)\n"
         "    return [await pending, now]\n"
         "result = await main()",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-        batch=2,
-    )
-    assert run.done["ok"], run.done
-    assert run.value == [10, 20]
-
-
-def test_a_cancelled_async_call_leaves_the_channel_to_the_next_one() -> None:
-    """An async call given up on (timeout) stops its loop reading; a later sync call reads its
-    own reply, and the late reply to the cancelled call is dropped."""
-    run = run_guest(
+        2,
+        [10, 20],
+    ),
+    # The loop stops reading when its call is given up on; the late reply is dropped.
+    "cancelled async call, then a sync one": (
         "import asyncio\n"
         "try:\n"
         "    await asyncio.wait_for(tools['f'].run_async(1), 0.05)\n"
@@ -330,12 +293,28 @@ def test_a_cancelled_async_call_leaves_the_channel_to_the_next_one() -> None:
         "except TimeoutError:\n"
         "    first = 'timed out'\n"
         "result = [first, tools.f(2)]",
-        tools=("f",),
-        answer=_times_ten_in_reverse,
-        batch=2,
-    )
+        2,
+        ["timed out", 20],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("code", "batch", "expected"), list(RELAY_CASES.values()), ids=list(RELAY_CASES)
+)
+def test_every_reply_reaches_its_caller(code: str, batch: int, expected: Any) -> None:
+    """However a program calls its tools, each reply (x10 here) reaches the call it answers."""
+
+    def times_ten_in_reverse(calls: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bytes]]:
+        replies = [
+            ({"t": "reply", "id": c["id"], "ok": True}, c["arguments"]["args"][0] * 10)
+            for c in calls
+        ]
+        return [(head, json.dumps(value).encode()) for head, value in replies[::-1]]
+
+    run = run_guest(code, tools=("f",), answer=times_ten_in_reverse, batch=batch)
     assert run.done["ok"], run.done
-    assert run.value == ["timed out", 20]
+    assert run.value == expected
 
 
 def test_tool_error_is_raised_as_the_builtin_type() -> None:
@@ -405,8 +384,8 @@ def test_limits_are_applied_before_the_program_runs() -> None:
     assert run.value == [40, 40]
 
 
-def test_guest_exits_when_the_service_goes_away() -> None:
-    """A guest whose channel closes before the start frame exits with status 70."""
+def _quiet_guest() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """A guest on a fresh channel (the service's end is returned) with no output pipes."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = subprocess.Popen(
         guest_argv(child.fileno()),
@@ -416,6 +395,12 @@ def test_guest_exits_when_the_service_goes_away() -> None:
         stderr=subprocess.DEVNULL,
     )
     child.close()
+    return parent, proc
+
+
+def test_guest_exits_when_the_service_goes_away() -> None:
+    """A guest whose channel closes before the start frame exits with status 70."""
+    parent, proc = _quiet_guest()
     parent.close()
     assert proc.wait(timeout=20) == 70
 
@@ -426,15 +411,7 @@ def test_guest_reports_then_waits_for_the_channel_to_close() -> None:
     Exiting at once would tear its address space down on the CPU where the kernel has just
     placed the service it woke; the service kills it (or closes the channel) instead.
     """
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        guest_argv(child.fileno()),
-        pass_fds=(child.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    child.close()
+    parent, proc = _quiet_guest()
     try:
         parent.settimeout(20)
         start = {"t": "start", "tools": [], "limits": {"max_result_bytes": 4096}}
