@@ -284,6 +284,18 @@ RELAY_CASES: dict[str, tuple[str, int, Any]] = {
         2,
         [10, 20],
     ),
+    # A loop stopped with a call in flight cannot read: a sync call reads meanwhile.
+    "sync call while a stopped loop has a call in flight": (
+        "import asyncio\n"
+        "loop = asyncio.new_event_loop()\n"
+        "task = loop.create_task(tools['f'].run_async(1))\n"
+        "loop.run_until_complete(asyncio.sleep(0.01))\n"
+        "b = tools.f(2)\n"
+        "a = loop.run_until_complete(task)\n"
+        "result = [a, b]",
+        2,
+        [10, 20],
+    ),
     # The loop stops reading when its call is given up on; the late reply is dropped.
     "cancelled async call, then a sync one": (
         "import asyncio\n"

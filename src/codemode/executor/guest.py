@@ -186,7 +186,8 @@ class Relay:
     - while nobody reads, an async call makes its event loop the reader (``add_reader``)
       until that loop has no call in flight any more;
     - a sync call made on the thread of the reading loop (a sync tool call inside a
-      coroutine) reads for the loop meanwhile, as the loop cannot;
+      coroutine), or while that loop is stopped with a call in flight, reads meanwhile, as the
+      loop cannot; frames are read whole under a lock of their own, whoever reads;
     - a reader that stops while other calls wait starts the reader thread, which then reads
       for everyone until the end.
 
@@ -200,6 +201,7 @@ class Relay:
         self._ids = itertools.count(1)
         self._pending: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._reading_directly = False  # a sync caller is reading the channel itself
         self._loop_reader: Any = None  # the event loop reading the channel, if one does
@@ -214,7 +216,8 @@ class Relay:
     def _read_one(self) -> None:
         """Read one frame and hand a reply to its caller; exits if the service is gone."""
         try:
-            header, payload = self._channel.recv()
+            with self._read_lock:  # whole frames, whoever reads
+                header, payload = self._channel.recv()
         except (EOFError, OSError, ProtocolError) as exc:
             # The service is gone: no answer will come, and nothing may run unattended.
             self._closed = exc
@@ -247,8 +250,12 @@ class Relay:
             if not self._reading_directly and self._loop_reader is None:
                 self._reading_directly = True
                 return _READ
-            if self._loop_reader is not None and self._loop_reader is _running_loop():
-                return _NESTED  # the reading loop is blocked in this very call
+            if self._loop_reader is not None and (
+                self._loop_reader is _running_loop() or not self._loop_reader.is_running()
+            ):
+                # The reading loop cannot read now: it is blocked in this very call, or it was
+                # stopped with a call in flight (run_until_complete returned before it).
+                return _NESTED
             return _WAIT
         if not self._reading_directly and self._loop_reader is None:
             self._loop_reader, self._loop_calls = loop, 1
