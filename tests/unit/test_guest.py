@@ -284,6 +284,22 @@ RELAY_CASES: dict[str, tuple[str, int, Any]] = {
         2,
         [10, 20],
     ),
+    # The reading loop is blocked joining a thread whose sync call waits for a reply: the
+    # reader thread takes over (the loop alone would never read it).
+    "thread joined inside a coroutine while its loop reads": (
+        "import asyncio, threading\n"
+        "async def main():\n"
+        "    pending = asyncio.ensure_future(tools['f'].run_async(1))\n"
+        "    await asyncio.sleep(0)\n"
+        "    out = []\n"
+        "    t = threading.Thread(target=lambda: out.append(tools.f(2)))\n"
+        "    t.start()\n"
+        "    t.join()\n"
+        "    return [await pending, out[0]]\n"
+        "result = await main()",
+        2,
+        [10, 20],
+    ),
     # A loop stopped with a call in flight cannot read: a sync call reads meanwhile.
     "sync call while a stopped loop has a call in flight": (
         "import asyncio\n"

@@ -133,6 +133,17 @@ class Channel:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def readable(self) -> bool:
+        """Whether a read would not block now (data, or the peer gone)."""
+        if self._prefix:
+            return True
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def wait_readable(self) -> None:
+        """Block until a read would not block."""
+        if not self._prefix:
+            select.select([self._sock], [], [])
+
     def wait_closed(self) -> None:
         """Sleep until the service closes its end (it kills this process first, normally).
 
@@ -172,6 +183,8 @@ class _Waiter:
 
 
 _WAIT, _READ, _NESTED, _LOOP = range(4)
+#: How long a sync call waits for the reading event loop before the reader thread takes over.
+_ESCALATE_AFTER_S = 0.2
 
 
 class Relay:
@@ -213,10 +226,21 @@ class Relay:
             self._reader = threading.Thread(target=self._read_loop, daemon=True)
             self._reader.start()
 
-    def _read_one(self) -> None:
-        """Read one frame and hand a reply to its caller; exits if the service is gone."""
+    def _read_one(self, *, only_if_ready: bool = False, until: _Waiter | None = None) -> None:
+        """Read one frame and hand a reply to its caller; exits if the service is gone.
+
+        Frames are read whole under a lock of their own, whoever reads. ``only_if_ready``
+        (the event loop's callback, and the reader thread once woken): return at once if
+        another reader took the data between the wake-up and the lock, instead of blocking.
+        ``until`` (a caller reading for its own reply): return if another reader has already
+        handed that reply over.
+        """
         try:
-            with self._read_lock:  # whole frames, whoever reads
+            with self._read_lock:
+                if until is not None and until.done.is_set():
+                    return
+                if only_if_ready and not self._channel.readable():
+                    return
                 header, payload = self._channel.recv()
         except (EOFError, OSError, ProtocolError) as exc:
             # The service is gone: no answer will come, and nothing may run unattended.
@@ -238,7 +262,8 @@ class Relay:
 
     def _read_loop(self) -> None:
         while True:
-            self._read_one()
+            self._channel.wait_readable()  # not holding the read lock while nothing comes
+            self._read_one(only_if_ready=True)
 
     def _role_locked(self, loop: Any) -> int:
         """Who reads for a call just registered; ``loop`` is the async caller's, else None."""
@@ -287,11 +312,17 @@ class Relay:
         waiter = _Waiter()
         _, role = self._submit(tool, args, kwargs, waiter)
         if role == _WAIT:
-            waiter.done.wait()
+            # Normally the reader hands the reply over at once. Should the reading loop be
+            # blocked on something that waits for this very call (a thread joined inside a
+            # coroutine), the reader thread takes over after a short wait.
+            while not waiter.done.wait(_ESCALATE_AFTER_S):
+                with self._lock:
+                    if self._loop_reader is not None:
+                        self._start_reader_locked()
         else:
             try:
                 while not waiter.done.is_set():
-                    self._read_one()
+                    self._read_one(until=waiter)
             finally:
                 if role == _READ:
                     with self._lock:
@@ -308,7 +339,7 @@ class Relay:
         call_id, role = self._submit(tool, args, kwargs, waiter)
         if role == _LOOP:
             try:
-                loop.add_reader(self._channel.fileno(), self._read_one)
+                loop.add_reader(self._channel.fileno(), self._read_ready)
             except (NotImplementedError, RuntimeError):  # a loop without add_reader
                 with self._lock:
                     self._loop_reader, self._loop_calls = None, 0
@@ -318,6 +349,9 @@ class Relay:
         finally:
             self._call_ended(loop, call_id)
         return _outcome(tool, waiter.header, waiter.payload)
+
+    def _read_ready(self) -> None:
+        self._read_one(only_if_ready=True)
 
     def _call_ended(self, loop: Any, call_id: str) -> None:
         """On ``loop``, after one of its calls: stop reading there if it was the last one."""
