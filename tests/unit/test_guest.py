@@ -312,6 +312,26 @@ RELAY_CASES: dict[str, tuple[str, int, Any]] = {
         2,
         [10, 20],
     ),
+    # Everything at once: four threads of sync calls, gathered coroutines that each make an
+    # async call and then a sync one on the loop's thread.
+    "threads and coroutines calling at once": (
+        "import asyncio, threading\n"
+        "out = {}\n"
+        "def work(k):\n"
+        "    out[k] = [tools.f(k * 100 + i) for i in range(10)]\n"
+        "async def both(i):\n"
+        "    return await tools['f'].run_async(i) + tools.f(i + 1000)\n"
+        "threads = [threading.Thread(target=work, args=(k,)) for k in range(1, 5)]\n"
+        "[t.start() for t in threads]\n"
+        "got = await asyncio.gather(*(both(i) for i in range(10)))\n"
+        "await asyncio.to_thread(lambda: [t.join() for t in threads])\n"
+        "result = [got, [out[k] for k in range(1, 5)]]",
+        1,
+        [
+            [i * 10 + (i + 1000) * 10 for i in range(10)],
+            [[(k * 100 + i) * 10 for i in range(10)] for k in range(1, 5)],
+        ],
+    ),
     # The loop stops reading when its call is given up on; the late reply is dropped.
     "cancelled async call, then a sync one": (
         "import asyncio\n"
