@@ -44,7 +44,7 @@ import sysconfig
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypedDict, TypeVar, Unpack
 
 from codemode.executor import cgroups, seccomp
 from codemode.executor.sandbox import (
@@ -365,6 +365,17 @@ class _HostGuest(GuestProcess):
 _G = TypeVar("_G", bound=_HostGuest)
 
 
+class BackendOptions(TypedDict, total=False):
+    """What a bubblewrap-based backend takes besides its limits (see _HostSandboxBackend)."""
+
+    uid_base: int
+    uid_count: int
+    bwrap: str | None
+    require_seccomp: bool
+    require_cgroups: bool
+    pool_size: int
+
+
 class _HostSandboxBackend(SandboxBackend, Generic[_G]):
     """A bubblewrap-based backend: root on the host, one non-root uid per live guest, the
     seccomp filter, cgroup limits where the host has the controllers, a pool of guests."""
@@ -373,16 +384,19 @@ class _HostSandboxBackend(SandboxBackend, Generic[_G]):
     #: Why the backend must run as root, for the error when it does not.
     _needs_root = ""
 
+    #: Guests started ahead of need when ``pool_size`` is not given.
+    default_pool_size = DEFAULT_POOL_SIZE
+
     def __init__(
         self,
-        limits: LimitsLike | None,
+        limits: LimitsLike | None = None,
         *,
-        uid_base: int,
-        uid_count: int,
-        bwrap: str | None,
-        require_seccomp: bool,
-        require_cgroups: bool,
-        pool_size: int,
+        uid_base: int = DEFAULT_UID_BASE,
+        uid_count: int = DEFAULT_UID_COUNT,
+        bwrap: str | None = None,
+        require_seccomp: bool = True,
+        require_cgroups: bool = False,
+        pool_size: int | None = None,
     ) -> None:
         if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
             raise ValueError("uid_base/uid_count must name a range of non-root uids")
@@ -392,7 +406,7 @@ class _HostSandboxBackend(SandboxBackend, Generic[_G]):
         self._bwrap = bwrap
         self.require_seccomp = require_seccomp
         self.require_cgroups = require_cgroups
-        self.pool_size = max(0, pool_size)
+        self.pool_size = max(0, self.default_pool_size if pool_size is None else pool_size)
         self.layout: RuntimeLayout | None = None
         self.cgroup_support: cgroups.CgroupSupport | None = None
         self._cgroups: cgroups.BackendCgroups | None = None
@@ -537,26 +551,8 @@ class BwrapBackend(_HostSandboxBackend["_BwrapGuest"]):
         "run the service as root (or use another backend)"
     )
 
-    def __init__(
-        self,
-        limits: LimitsLike | None = None,
-        *,
-        uid_base: int = DEFAULT_UID_BASE,
-        uid_count: int = DEFAULT_UID_COUNT,
-        bwrap: str | None = None,
-        require_seccomp: bool = True,
-        require_cgroups: bool = False,
-        pool_size: int = DEFAULT_POOL_SIZE,
-    ) -> None:
-        super().__init__(
-            limits,
-            uid_base=uid_base,
-            uid_count=uid_count,
-            bwrap=bwrap,
-            require_seccomp=require_seccomp,
-            require_cgroups=require_cgroups,
-            pool_size=pool_size,
-        )
+    def __init__(self, limits: LimitsLike | None = None, **options: Unpack[BackendOptions]) -> None:
+        super().__init__(limits, **options)
         self._argv_head: list[str] = []
         self._launcher = ""
         self._running: dict[int, _Running] = {}

@@ -43,13 +43,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Unpack
 
 from codemode.executor import cgroups
 from codemode.executor.bwrap import (
     _SANDBOX_SHM,
     _SANDBOX_TMP,
-    DEFAULT_UID_BASE,
-    DEFAULT_UID_COUNT,
+    BackendOptions,
     LimitsLike,
     SandboxUnavailable,
     _bwrap_namespaces,
@@ -129,26 +129,10 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         "uid of its own; run the service as root (or use another backend)"
     )
 
-    def __init__(
-        self,
-        limits: LimitsLike | None = None,
-        *,
-        uid_base: int = DEFAULT_UID_BASE,
-        uid_count: int = DEFAULT_UID_COUNT,
-        bwrap: str | None = None,
-        require_seccomp: bool = True,
-        require_cgroups: bool = False,
-        pool_size: int = DEFAULT_POOL_SIZE,
-    ) -> None:
-        super().__init__(
-            limits,
-            uid_base=uid_base,
-            uid_count=uid_count,
-            bwrap=bwrap,
-            require_seccomp=require_seccomp,
-            require_cgroups=require_cgroups,
-            pool_size=pool_size,
-        )
+    default_pool_size = DEFAULT_POOL_SIZE
+
+    def __init__(self, limits: LimitsLike | None = None, **options: Unpack[BackendOptions]) -> None:
+        super().__init__(limits, **options)
         self._next_id = 0
         self._zygote: _Zygote | None = None
         self._zygote_lock = asyncio.Lock()
