@@ -315,10 +315,12 @@ class Relay:
             # Normally the reader hands the reply over at once. Should the reading loop be
             # blocked on something that waits for this very call (a thread joined inside a
             # coroutine), the reader thread takes over after a short wait.
-            while not waiter.done.wait(_ESCALATE_AFTER_S):
+            # (Any other reader hands over to the thread itself when it stops: one check.)
+            if not waiter.done.wait(_ESCALATE_AFTER_S):
                 with self._lock:
                     if self._loop_reader is not None:
                         self._start_reader_locked()
+                waiter.done.wait()
         else:
             try:
                 while not waiter.done.is_set():
