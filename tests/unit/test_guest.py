@@ -59,6 +59,22 @@ class Run:
         return json.loads(self.payload) if self.payload else None
 
 
+def start_guest(output: int) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """A guest on a fresh channel, its output to ``output``; returns the service's end and it."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        guest_argv(child.fileno()),
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        start_new_session=True,
+    )
+    child.close()
+    return parent, proc
+
+
 def run_guest(
     code: str,
     *,
@@ -70,17 +86,7 @@ def run_guest(
     limits: dict[str, Any] | None = None,
 ) -> Run:
     """Run ``code`` in a fresh guest; tool calls are answered ``batch`` at a time by ``answer``."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        guest_argv(child.fileno()),
-        pass_fds=(child.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        start_new_session=True,
-    )
-    child.close()
+    parent, proc = start_guest(subprocess.PIPE)
     parent.settimeout(20)
     try:
         start = {
@@ -432,23 +438,9 @@ def test_limits_are_applied_before_the_program_runs() -> None:
     assert run.value == [40, 40]
 
 
-def _quiet_guest() -> tuple[socket.socket, subprocess.Popen[bytes]]:
-    """A guest on a fresh channel (the service's end is returned) with no output pipes."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        guest_argv(child.fileno()),
-        pass_fds=(child.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    child.close()
-    return parent, proc
-
-
 def test_guest_exits_when_the_service_goes_away() -> None:
     """A guest whose channel closes before the start frame exits with status 70."""
-    parent, proc = _quiet_guest()
+    parent, proc = start_guest(subprocess.DEVNULL)
     parent.close()
     assert proc.wait(timeout=20) == 70
 
@@ -459,7 +451,7 @@ def test_guest_reports_then_waits_for_the_channel_to_close() -> None:
     Exiting at once would tear its address space down on the CPU where the kernel has just
     placed the service it woke; the service kills it (or closes the channel) instead.
     """
-    parent, proc = _quiet_guest()
+    parent, proc = start_guest(subprocess.DEVNULL)
     try:
         parent.settimeout(20)
         start = {"t": "start", "tools": [], "limits": {"max_result_bytes": 4096}}
