@@ -193,7 +193,7 @@ class ExecutorClient(Closing):
             "isolation": reply.isolation,
             "isolated": reply.isolated,
             "warnings": list(reply.warnings),
-            "limits": {f.name: getattr(reply.limits, f.name) for f in pb.Limits.DESCRIPTOR.fields},
+            "limits": {name: getattr(reply.limits, name) for name in _LIMIT_FIELDS},
             "max_execution_timeout_seconds": reply.max_execution_timeout_seconds,
             "max_concurrent_executions": reply.max_concurrent_executions,
             "running_executions": reply.running_executions,
@@ -532,12 +532,12 @@ _LIMIT_FIELDS = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
 
 def _limit_fields(limits: Mapping[str, float] | None) -> dict[str, Any]:
     """Requested limit overrides as ``pb.Limits`` fields; unknown names are a clear error."""
-    fields = _LIMIT_FIELDS
     out: dict[str, Any] = {}
     for name, value in (limits or {}).items():
-        field = fields.get(name)
+        field = _LIMIT_FIELDS.get(name)
         if field is None:
-            raise InvalidRequestError(f"unknown limit {name!r}; known: {', '.join(sorted(fields))}")
+            known = ", ".join(sorted(_LIMIT_FIELDS))
+            raise InvalidRequestError(f"unknown limit {name!r}; known: {known}")
         out[name] = float(value) if field.cpp_type == field.CPPTYPE_DOUBLE else int(value)
     return out
 
