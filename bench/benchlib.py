@@ -121,8 +121,9 @@ async def wait_for_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
+def _proc_stats() -> dict[int, list[bytes]]:
+    """Every process's /proc/PID/stat fields from the state on (``[0]`` is field 3)."""
+    stats: dict[int, list[bytes]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -132,13 +133,19 @@ def _children_map() -> dict[int, list[int]]:
         except OSError:
             continue
         # The command name may contain spaces or parentheses: split after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        stats[int(entry.name)] = stat[stat.rfind(b")") + 2 :].split()
+    return stats
+
+
+def _children_map(stats: dict[int, list[bytes]] | None = None) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for pid, fields in (stats if stats is not None else _proc_stats()).items():
+        children.setdefault(int(fields[1]), []).append(pid)
     return children
 
 
-def tree_pids(root: int) -> list[int]:
-    children = _children_map()
+def tree_pids(root: int, stats: dict[int, list[bytes]] | None = None) -> list[int]:
+    children = _children_map(stats)
     pids, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -185,17 +192,6 @@ def tree_memory_bytes(root: int) -> tuple[int, int]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` and of its children it has reaped (cutime + cstime)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    fields = stat[stat.rfind(b")") + 2 :].split()  # fields[0] is the state (field 3)
-    return sum(int(x) for x in fields[11:15])
-
-
 def tree_cpu_seconds(root: int) -> float:
     """CPU time used so far by ``root``'s process tree, children already reaped included.
 
@@ -203,7 +199,9 @@ def tree_cpu_seconds(root: int) -> float:
     time moves into the parent's cutime/cstime); kernel threads working for the tree (network
     namespace clean-up, RCU) are not counted.
     """
-    return sum(_cpu_ticks(pid) for pid in tree_pids(root)) / _CLK_TCK
+    stats = _proc_stats()  # one read of each process: utime, stime, cutime, cstime
+    ticks = sum(sum(int(x) for x in stats[pid][11:15]) for pid in tree_pids(root, stats))
+    return ticks / _CLK_TCK
 
 
 def own_cpu_seconds() -> float:
