@@ -185,7 +185,7 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 class Config:
     """What every child gets, fixed at the zygote's start by the service."""
 
-    def __init__(self, raw: dict[str, Any], seccomp_bpf: bytes) -> None:
+    def __init__(self, raw: dict[str, Any], seccomp_bpf: bytes, bounding_set: list[int]) -> None:
         self.tmpfs_bytes = int(raw.get("tmpfs_bytes") or (64 << 20))
         #: rlimit name -> value (hard and soft), applied before the uid changes.
         self.rlimits: dict[int, int] = {
@@ -200,8 +200,8 @@ class Config:
         # to build after a fork): capset's arguments, all sets empty.
         self.cap_header = ctypes.pointer(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0))
         self.cap_data = (_CapData * 2)()
-        #: Capabilities left in the bounding set once main() has narrowed it: each child drops them.
-        self.bounding_set: list[int] = _bounding_set()
+        #: Capabilities left in the zygote's bounding set: each child drops them.
+        self.bounding_set = bounding_set
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,16 +496,8 @@ class Zygote:
             self.reap()
 
 
-def _bounding_set() -> list[int]:
-    """The capabilities in this process's bounding set."""
-    with open("/proc/self/status") as status:
-        line = next(x for x in status if x.startswith("CapBnd:"))
-    mask = int(line.split()[1], 16)
-    return [cap for cap in range(64) if mask & (1 << cap)]
-
-
-def _narrow_bounding_set() -> None:
-    """Keep in the bounding set only the capabilities bwrap left effective."""
+def _narrow_bounding_set() -> list[int]:
+    """Keep in the bounding set only the capabilities bwrap left effective; return those."""
     with open("/proc/self/status") as status:
         line = next(x for x in status if x.startswith("CapEff:"))
     effective = int(line.split()[1], 16)
@@ -516,6 +508,7 @@ def _narrow_bounding_set() -> None:
                 break  # past the last capability of this kernel
             raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
         cap += 1
+    return [kept for kept in range(64) if effective & (1 << kept)]
 
 
 def _prepare() -> None:
@@ -541,14 +534,14 @@ def main(argv: list[str]) -> None:
         os.close(seccomp_fd)
         bpf = b"".join(chunks)
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
-    _narrow_bounding_set()
+    bounding_set = _narrow_bounding_set()
     _prepare()
     global _RAW_FORK
     if len(os.listdir("/proc/self/task")) != 1:  # nothing here starts a thread, but check
         _RAW_FORK = False
     control = socket.socket(fileno=control_fd)
     os.set_inheritable(control_fd, False)
-    Zygote(control, Config(raw, bpf)).run()
+    Zygote(control, Config(raw, bpf, bounding_set)).run()
 
 
 if __name__ == "__main__":
