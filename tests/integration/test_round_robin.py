@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from codemode import Codemode
 from codemode.config import ClientConfig
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, wait_until
 from tests.integration.conftest import Servers
 
 KEY = "round-robin-key-0123"
@@ -31,13 +30,12 @@ async def test_a_list_of_executors_shares_the_work(servers: Servers) -> None:
             records = server.log_records()
             return {r["correlation_id"] for r in records if r.get("msg") == "execution finished"}
 
+        def both() -> list[set[str]]:
+            return [served_by(s) & ids for s in (first, second)]
+
         # An executor logs "execution finished" just after the client has its result.
-        deadline = time.monotonic() + 5
-        while True:
-            served = [served_by(s) & ids for s in (first, second)]
-            if served[0] | served[1] == ids or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.to_thread(wait_until, lambda: set.union(*both()) == ids, 5)
+        served = both()
         assert served[0], "the first executor ran nothing"
         assert served[1], "the second executor ran nothing"
         assert served[0] | served[1] == ids
