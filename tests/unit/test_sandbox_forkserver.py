@@ -262,6 +262,29 @@ async def test_close_stops_the_zygote_and_leaves_nothing() -> None:
     os.close(out_r)
 
 
+async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBackend) -> None:
+    """The control protocol is fixed binary (zygote.MESSAGE): anything else is dropped, and the
+    zygote goes on forking."""
+    from codemode.executor import zygote as protocol
+
+    zygote = backend._zygote
+    assert zygote is not None
+    pid = _zygote_pid(backend)
+    for junk in (
+        b"",
+        b"F",
+        b"F" + bytes(40),
+        b'F{"id": 1, "uid": 1}',
+        protocol.MESSAGE.pack(b"Q", 7, 7),
+    ):
+        if junk:
+            zygote.control.send(junk)
+    for _ in range(backend.pool_size + 2):  # past the pool: new forks after the junk
+        assert (await run(backend, "result = 6 * 7")).result == 42
+    assert _alive(pid)
+    assert backend._zygote is zygote
+
+
 async def test_no_pool() -> None:
     b = ForkServerBackend(pool_size=0, uid_base=UID_BASE + 40_000)
     try:

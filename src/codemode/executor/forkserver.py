@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Unpack
 
 from codemode.executor import cgroups
+from codemode.executor import zygote as zygote_protocol
 from codemode.executor.bwrap import (
     _SANDBOX_SHM,
     _SANDBOX_TMP,
@@ -100,14 +101,15 @@ class _Zygote:
         self.stderr_tail = b""
         self.gone: asyncio.Task[None] | None = None
 
-    def send(self, kind: bytes, body: dict[str, int], fds: list[int] | None = None) -> bool:
+    def send(self, kind: bytes, request: int, value: int = 0, fds: list[int] | None = None) -> bool:
         if self.dead:
             return False
+        message = zygote_protocol.MESSAGE.pack(kind, request, value)
         try:
             if fds:
-                socket.send_fds(self.control, [kind + json.dumps(body).encode()], fds)
+                socket.send_fds(self.control, [message], fds)
             else:
-                self.control.send(kind + json.dumps(body).encode())
+                self.control.send(message)
         except OSError:
             return False
         return True
@@ -258,9 +260,8 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
                 zygote.dead = True
                 return
             try:
-                body = json.loads(data[1:])
-                kind, ident = data[:1], int(body["id"])
-            except (ValueError, KeyError, TypeError):
+                kind, ident, value = zygote_protocol.MESSAGE.unpack_from(data)
+            except struct.error:
                 logger.warning("unexpected message from the zygote: %r", data[:200])
                 continue
             if ident == 0:
@@ -272,10 +273,11 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
                 continue
             if kind == b"X":
                 zygote.children.pop(ident, None)
-                guest._zygote_reported(int(body["status"]))
+                guest._zygote_reported(value)
             elif kind == b"E":
                 zygote.children.pop(ident, None)
-                guest._fork_failed(str(body.get("error")))
+                text = data[zygote_protocol.MESSAGE.size :].decode(errors="replace")
+                guest._fork_failed(text or os.strerror(value))
 
     async def _supervise_zygote(self, zygote: _Zygote) -> None:
         """Wait for the zygote's end; then every guest it forked is gone too."""
@@ -389,7 +391,7 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
             guest = _ForkGuest(self, zygote, ident, uid, ours)
             zygote.children[ident] = guest
             self._live.add(guest)
-            if not zygote.send(b"F", {"id": ident, "uid": uid}, [theirs.fileno()]):
+            if not zygote.send(b"F", ident, uid, [theirs.fileno()]):
                 zygote.children.pop(ident, None)
                 guest._fork_failed("the zygote is gone")
                 raise SandboxUnavailable("the fork-server zygote is gone")
@@ -674,4 +676,4 @@ class _ForkGuest(_HostGuest):
             # pid 1 of its namespace: its death takes every process of the execution along.
             _pidfd_kill(self._pidfd)
             return
-        self._zygote.send(b"K", {"id": self.ident})
+        self._zygote.send(b"K", self.ident)
