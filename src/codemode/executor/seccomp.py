@@ -13,6 +13,7 @@ exported as a BPF program, and handed to bubblewrap (``--seccomp FD``), which in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -124,6 +125,11 @@ def build_filter_bpf() -> bytes:
     """Compile the guest filter for this machine's architecture; return the BPF program."""
     sc = _load_binding()
     filt = sc.SyscallFilter(defaction=sc.ALLOW)
+    # A binary tree of syscall numbers rather than a list: every guest installs the filter, and
+    # the kernel then evaluates it for each syscall number to build its allow cache, so the
+    # install costs ~50 us instead of ~105 us (97 instructions in a list, 111 in a tree).
+    with contextlib.suppress(OSError):  # libseccomp < 2.5 has no tree: the list still works
+        filt.set_attr(sc.Attr.CTL_OPTIMIZE, 2)
     deny = sc.ERRNO(errno.EPERM)
     for name in DENIED_SYSCALLS:
         try:
