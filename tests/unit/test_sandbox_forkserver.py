@@ -262,6 +262,27 @@ async def test_close_stops_the_zygote_and_leaves_nothing() -> None:
     os.close(out_r)
 
 
+async def test_a_pooled_guest_is_already_in_its_cgroups(backend: ForkServerBackend) -> None:
+    """Each child joins its execution's cgroups itself, first thing after the fork."""
+    if backend._cgroups is None:
+        pytest.skip("no cgroup controller is usable on this host; limits fall back to rlimits")
+    ready = await backend.acquire()
+    assert ready is not None
+    guest = ready.process
+    try:
+        group = guest._group  # type: ignore[attr-defined]
+        assert group is not None
+        assert len(group.procs_files) == len(backend._cgroups.controllers) >= 1
+        for procs in group.procs_files:
+            assert (await asyncio.to_thread(Path(procs).read_text)).split() == [str(guest.pid)]
+    finally:
+        guest.kill()
+        ready.channel.close()
+        os.close(ready.stdout)
+        os.close(ready.stderr)
+        await asyncio.wait_for(guest.wait(), 10)
+
+
 async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBackend) -> None:
     """The control protocol is fixed binary (zygote.MESSAGE): anything else is dropped, and the
     zygote goes on forking."""

@@ -397,6 +397,22 @@ class ExecutionCgroup:
     def procs_files(self) -> list[str]:
         return list(self._procs_files)
 
+    def open_procs(self) -> list[int]:
+        """The ``cgroup.procs`` files, opened for writing; the caller closes them.
+
+        A process given these joins the groups by writing ``0`` to each: the kernel checks the
+        credentials of whoever opened the file (root here), not the writer's.
+        """
+        fds: list[int] = []
+        try:
+            for procs in self._procs_files:
+                fds.append(os.open(procs, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def _counters(self) -> tuple[int, int]:
         return _read_counter(self._memory_counter), _read_counter(self._pids_counter)
 

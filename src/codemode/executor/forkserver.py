@@ -15,8 +15,10 @@ new pid namespace, own net/mount/ipc/uts namespaces, fresh size-bounded tmpfs ``
 per live guest) with every capability set empty, ``no_new_privs`` and the seccomp filter of the
 bwrap backend; only its control socket open. It then makes its stdout and stderr pipes and
 sends one byte with their read ends (``SCM_RIGHTS``): the kernel attaches its host pid and uid
-(``SCM_CREDENTIALS``), the service checks the uid, opens a pidfd and moves the pid into the
-execution's cgroups, and the guest waits in the pool. ``acquire`` hands the control socket (now
+(``SCM_CREDENTIALS``), the service checks the uid and opens a pidfd, and the guest waits in the
+pool. It joined its execution's cgroups first thing after the fork, by writing to their
+``cgroup.procs`` files through descriptors the service opened and sent with the fork request,
+so everything it does is accounted there. ``acquire`` hands the control socket (now
 the channel) and the read ends to the execution, which only writes the start frame; ``spawn``
 instead sends the guest a channel, stdout and stderr of the caller's. Nothing on the request
 path starts a process or makes a descriptor.
@@ -35,11 +37,9 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,13 +143,10 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         self._forking = 0
         self._cleanups: set[asyncio.Task[None]] = set()
         self._live: set[_ForkGuest] = set()
-        self._joiner: _Joiner | None = None
 
     # -- setup ---------------------------------------------------------------------------
 
     async def _warm_up(self) -> None:
-        if self._cgroups is not None and self._joiner is None:
-            self._joiner = _Joiner(asyncio.get_running_loop())
         await self._ensure_zygote()
 
     def zygote_argv(self, control_fd: int, seccomp_fd: int, info_fd: int) -> list[str]:
@@ -380,42 +377,53 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
     async def _fork(self) -> _ForkGuest:
         """Ask the zygote for one guest; it is ready when ``guest._ready`` is."""
         zygote = await self._ensure_zygote()
+        group = await self._acquire_group()
+        try:
+            # The child writes itself into these cgroup.procs files before anything else.
+            join = group.open_procs() if group is not None else []
+        except OSError:
+            assert group is not None
+            group.remove_now()  # a group that cannot be opened is not reused
+            raise
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            for fd in join:
+                os.close(fd)
+            if group is not None and self._cgroups is not None:
+                self._cgroups.release(group)  # unused, empty: back to the free list
+            raise
         uid = self._take_uid()
         self._next_id += 1
         ident = self._next_id
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # The kernel then attaches the sender's pid and uid to what the guest writes.
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             ours.setblocking(False)
             guest = _ForkGuest(self, zygote, ident, uid, ours)
+            guest._group = group
             zygote.children[ident] = guest
             self._live.add(guest)
-            if not zygote.send(b"F", ident, uid, [theirs.fileno()]):
+            if not zygote.send(b"F", ident, uid, [theirs.fileno(), *join]):
                 zygote.children.pop(ident, None)
                 guest._fork_failed("the zygote is gone")
                 raise SandboxUnavailable("the fork-server zygote is gone")
         finally:
             theirs.close()
+            for fd in join:
+                os.close(fd)
         asyncio.get_running_loop().add_reader(ours.fileno(), guest._on_control)
         return guest
 
-    async def _attach(self, guest: _ForkGuest, pid: int) -> None:
-        """Put a guest that reported ready into a cgroup of its own (joined off the event loop)."""
-        if self._cgroups is None:
-            return
+    async def _acquire_group(self) -> cgroups.ExecutionCgroup | None:
+        """The cgroups for the next guest (made off the event loop when none is free)."""
         cg = self._cgroups
+        if cg is None:
+            return None
         limits = self.limits
         if cg.has_free():
-            group = cg.acquire(limits.memory_bytes, limits.max_processes)  # no I/O
-        else:
-            group = await asyncio.to_thread(cg.acquire, limits.memory_bytes, limits.max_processes)
-        guest._group = group
-        joiner = self._joiner
-        if joiner is None:
-            await asyncio.to_thread(_join, group, pid)
-        else:
-            await joiner.join(group, pid)
+            return cg.acquire(limits.memory_bytes, limits.max_processes)  # no I/O
+        return await asyncio.to_thread(cg.acquire, limits.memory_bytes, limits.max_processes)
 
     async def _stop_guests(self) -> None:
         for guest in list(self._live):
@@ -431,65 +439,6 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
             await asyncio.gather(*waits, return_exceptions=True)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-        if self._joiner is not None:
-            await asyncio.to_thread(self._joiner.stop)
-            self._joiner = None
-
-
-class _Joiner:
-    """One thread that moves guests into their cgroups, off the event loop.
-
-    A write to ``cgroup.procs`` is usually ~0.1 ms but can wait for an RCU grace period (10-20
-    ms measured here under load), so it never runs on the loop; a thread of its own costs less
-    per join than ``asyncio.to_thread`` (no executor, future chaining or context copy).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._jobs: queue.SimpleQueue[
-            tuple[cgroups.ExecutionCgroup, int, asyncio.Future[None]] | None
-        ] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="codemode-cgroup-join", daemon=True)
-        self._thread.start()
-
-    def join(self, group: cgroups.ExecutionCgroup, pid: int) -> asyncio.Future[None]:
-        """Put ``pid`` into ``group``; the future fails with the ``OSError`` if that fails."""
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._jobs.put((group, pid, future))
-        return future
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            group, pid, future = job
-            error: OSError | None = None
-            try:
-                _join(group, pid)
-            except OSError as exc:
-                error = exc
-            try:
-                self._loop.call_soon_threadsafe(_settle, future, error)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                return
-
-    def stop(self) -> None:
-        """Finish the queued joins and end the thread (blocking)."""
-        self._jobs.put(None)
-        self._thread.join(5.0)
-
-
-def _settle(future: asyncio.Future[None], error: OSError | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _join(group: cgroups.ExecutionCgroup, pid: int) -> None:
-    for procs in group.procs_files:
-        with open(procs, "w") as handle:
-            handle.write(str(pid))
 
 
 class _ForkGuest(_HostGuest):
@@ -558,16 +507,6 @@ class _ForkGuest(_HostGuest):
             self._not_ready(f"pidfd_open: {exc}")
             return
         self.pid = pid
-        task = asyncio.ensure_future(self._attach(pid))
-        self._backend._cleanups.add(task)
-        task.add_done_callback(self._backend._cleanups.discard)
-
-    async def _attach(self, pid: int) -> None:
-        try:
-            await self._backend._attach(self, pid)
-        except OSError as exc:
-            self._not_ready(f"could not join the execution's cgroup: {exc}")
-            return
         if self._kill_requested:
             self._not_ready("killed before it was used")
             return

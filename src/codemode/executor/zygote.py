@@ -8,10 +8,11 @@ runtime file system with its own pid, net, ipc and uts namespaces. It has import
 runtime and what it needs, so a guest pays neither an interpreter start nor an import.
 
 For each ``fork`` request (one ``SOCK_SEQPACKET`` message from the service carrying the
-child's control socket), it forks a child that is pid 1 of a new pid namespace
-(``unshare(CLONE_NEWPID)``, ``fork``, ``setns`` back), and the child, before it runs anything
-of the program:
+child's control socket and, with cgroups, its execution's ``cgroup.procs`` files opened for
+writing), it forks a child that is pid 1 of a new pid namespace (``unshare(CLONE_NEWPID)``,
+``fork``, ``setns`` back), and the child, before it runs anything of the program:
 
+0. joins its cgroups (writes ``0`` to each ``cgroup.procs``) and closes them;
 1. joins an empty network namespace that no other process uses (:class:`NetnsLease`: one
    lent by the zygote, made for it or given back when an earlier child was reaped);
 2. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
@@ -32,9 +33,9 @@ of the program:
 The zygote reaps its children and reports each exit status to the service. It is pid 1 of its
 own pid namespace: if it dies, the kernel kills every process in that namespace, every guest
 included. Messages, each one datagram of :data:`MESSAGE` (kind, request id, value): service to
-zygote ``F`` (value: the uid) with 1 fd, and ``K``; zygote to service ``S`` (id 0, value: its
-pid; the zygote is ready), ``X`` (value: a wait status) and ``E`` (value: an errno, then the
-error's text).
+zygote ``F`` (value: the uid) with the control socket and the cgroup.procs files, and ``K``;
+zygote to service ``S`` (id 0, value: its pid; the zygote is ready), ``X`` (value: a wait
+status) and ``E`` (value: an errno, then the error's text).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 #: The child's control socket, once it has closed everything else.
 CHILD_CONTROL_FD = 3
+#: At most this many cgroup.procs files come with a fork request (one per controller).
+MAX_JOIN_FDS = 3
 #: Exit codes of a child that failed before it ran a program.
 EXIT_SETUP_FAILED = 71
 EXIT_NO_FDS = 70
@@ -317,13 +320,19 @@ def _await_request(out_w: int, err_w: int) -> tuple[int, bytes]:
     return channel, data
 
 
-def child_main(control_fd: int, uid: int, config: Config, devnull: int, netns: int) -> None:
+def child_main(
+    control_fd: int, join: list[int], uid: int, config: Config, devnull: int, netns: int
+) -> None:
     """Everything between the fork and the program; never returns.
 
-    ``netns``: the network namespace this child alone may use (see :class:`NetnsLease`).
+    ``join``: ``cgroup.procs`` files to write itself into; ``netns``: the network namespace
+    this child alone may use (see :class:`NetnsLease`).
     """
     code = EXIT_SETUP_FAILED
     try:
+        for fd in join:
+            os.write(fd, b"0")  # 0: the writer; the kernel checks the opener's credentials
+            os.close(fd)
         _check(_libc.setns(netns, CLONE_NEWNET), "setns(CLONE_NEWNET)")
         signal.set_wakeup_fd(-1)
         # The C function, not signal.signal: its enum wrapping costs ~45 page faults (~130 us)
@@ -418,7 +427,7 @@ class Zygote:
     def send(self, kind: bytes, request: int, value: int, text: str = "") -> None:
         self.control.send(MESSAGE.pack(kind, request, value) + text.encode())
 
-    def fork(self, request: int, uid: int, control_fd: int) -> None:
+    def fork(self, request: int, uid: int, control_fd: int, join: list[int]) -> None:
         # The next child is pid 1 of a new pid namespace; the zygote's own children after it
         # would join that namespace, so it goes back to its own right after the fork.
         netns = self.netns.take()
@@ -434,7 +443,7 @@ class Zygote:
             self.netns.give_back(netns)
             raise
         if pid == 0:
-            child_main(control_fd, uid, self.config, self.devnull, netns)
+            child_main(control_fd, join, uid, self.config, self.devnull, netns)
         self.netns.lend(pid, netns)
         _check(_libc.setns(self.own_pidns, CLONE_NEWPID), "setns")
         os.close(control_fd)
@@ -460,7 +469,7 @@ class Zygote:
 
     def handle(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, 4096, 4)
+            data, fds, _, _ = socket.recv_fds(self.control, 4096, 1 + MAX_JOIN_FDS)
         except BlockingIOError:
             return True
         if not data:
@@ -469,12 +478,15 @@ class Zygote:
             return False
         # Anything not of the service's one layout is ignored.
         kind, request, value = MESSAGE.unpack(data) if len(data) == MESSAGE.size else (b"", 0, 0)
-        if kind == b"F" and len(fds) == 1:
+        if kind == b"F" and fds:
             try:
-                self.fork(request, value, fds[0])
+                self.fork(request, value, fds[0], fds[1:])
             except OSError as exc:
                 os.close(fds[0])
                 self.send(b"E", request, exc.errno or 0, str(exc))
+            finally:
+                for fd in fds[1:]:
+                    os.close(fd)
         elif kind == b"K":
             for fd in fds:
                 os.close(fd)
