@@ -467,6 +467,7 @@ class _ForkGuest(_HostGuest):
         self._status: asyncio.Future[int | None] = loop.create_future()
         self._exited = loop.create_future()
         self._kill_requested = False
+        self._signalled = False  # SIGKILL sent through the pidfd
         self._finished: asyncio.Task[None] | None = asyncio.ensure_future(self._supervise())
 
     # -- start ---------------------------------------------------------------------------
@@ -609,10 +610,11 @@ class _ForkGuest(_HostGuest):
 
     def kill(self) -> None:
         self._kill_requested = True
-        if self._status.done():
+        if self._status.done() or self._signalled:
             return
         if self._pidfd is not None:
             # pid 1 of its namespace: its death takes every process of the execution along.
-            _pidfd_kill(self._pidfd)
+            # One SIGKILL from outside its namespace cannot be blocked: it is sent once.
+            self._signalled = _pidfd_kill(self._pidfd)
             return
         self._zygote.send(b"K", self.ident)
