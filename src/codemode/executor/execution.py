@@ -137,9 +137,14 @@ async def _forward(queue: asyncio.Queue[tuple[int, bytes]], sink: OutputSink) ->
 _REAPING: set[asyncio.Task[Any]] = set()
 
 
-def _reap_later(guest: GuestProcess) -> None:
-    """Wait for a killed guest in the background so its outcome need not wait for its exit."""
-    task = asyncio.get_running_loop().create_task(guest.wait())
+def _reap_later(guest: GuestProcess, waiting: asyncio.Task[Any] | None) -> None:
+    """Wait for a killed guest in the background so its outcome need not wait for its exit.
+
+    ``waiting``: a task already waiting for it (the execution's), taken over if still running.
+    """
+    if waiting is None or waiting.done():
+        waiting = asyncio.get_running_loop().create_task(guest.wait())
+    task = waiting
     _REAPING.add(task)
     task.add_done_callback(_REAPING.discard)
 
@@ -286,6 +291,7 @@ async def run_execution(
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
     tasks: list[asyncio.Task[Any]] = []
+    exit_task: asyncio.Task[Any] | None = None
     writer: asyncio.StreamWriter | None = None
     outputs: list[_Output] = []
     try:
@@ -331,7 +337,7 @@ async def run_execution(
         relay = _GuestRelay(chan_reader, writer, frozenset(tools), call_tool, limits)
         relay_task = asyncio.create_task(relay.run())
         exit_task = asyncio.create_task(guest.wait())
-        tasks += [relay_task, exit_task]
+        tasks.append(relay_task)
         # The start frame goes last: the loop has nothing left to do once it has woken the
         # guest, which the kernel may have placed on this very CPU.
         writer.write(encode_frame(header, code.encode()))
@@ -391,7 +397,7 @@ async def run_execution(
             parent_sock.close()
         if guest is not None:
             guest.kill()
-            _reap_later(guest)
+            _reap_later(guest, exit_task)
 
 
 def _to_result(

@@ -171,7 +171,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         log = {"correlation_id": cid}
         frames = aiter(request_iterator)
         try:
-            first = await asyncio.wait_for(anext(frames), START_FRAME_TIMEOUT_S)
+            async with asyncio.timeout(START_FRAME_TIMEOUT_S):  # no task, unlike wait_for
+                first = await anext(frames)
         except (StopAsyncIteration, TimeoutError):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the stream must begin with a start frame"
