@@ -283,6 +283,18 @@ async def test_a_pooled_guest_is_already_in_its_cgroups(backend: ForkServerBacke
         await asyncio.wait_for(guest.wait(), 10)
 
 
+async def test_a_guest_s_mounts_are_all_private(backend: ForkServerBackend) -> None:
+    """Made private once in the zygote; each guest's copy of the tree is private too."""
+    code = (
+        "lines = open('/proc/self/mountinfo').read().splitlines()\n"
+        "result = {'n': len(lines), 'propagating': [l for l in lines\n"
+        "    if 'shared:' in l.split(' - ')[0] or 'master:' in l.split(' - ')[0]]}\n"
+    )
+    out = (await run(backend, code)).result
+    assert out["n"] > 10  # the runtime's read-only binds, /tmp, /proc...
+    assert out["propagating"] == []
+
+
 async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBackend) -> None:
     """The control protocol is fixed binary (zygote.MESSAGE): anything else is dropped, and the
     zygote goes on forking."""

@@ -16,8 +16,9 @@ writing), it forks a child that is pid 1 of a new pid namespace (``unshare(CLONE
 1. joins an empty network namespace that no other process uses (:class:`NetnsLease`: one
    lent by the zygote, made for it or given back when an earlier child was reaped);
 2. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
-3. unshares mount, ipc and uts namespaces; makes every mount private; mounts a fresh
-   size-bounded tmpfs on ``/tmp`` and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
+3. unshares mount, ipc and uts namespaces (the zygote made every mount private at its
+   start, so the copies are private too); mounts a fresh size-bounded tmpfs on ``/tmp``
+   and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
 4. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
    changes to its own non-root uid/gid (which empties the other capability sets), clears the
    inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
@@ -228,8 +229,9 @@ def _keep_only_control(control_fd: int, devnull: int) -> None:
 
 
 def _fresh_mounts(tmpfs_bytes: int) -> None:
+    # A copy of the zygote's mount tree, private like it (made so in main): nothing mounted
+    # here propagates anywhere, and nothing propagates in.
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     scratch = f"size={tmpfs_bytes},mode=1777"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
@@ -553,6 +555,9 @@ def main(argv: list[str]) -> None:
         os.close(seccomp_fd)
         bpf = b"".join(chunks)
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
+    # Every mount private, once: each child's copy of the tree is then private too, without
+    # a walk of its ~60 mounts per child (~20 us measured).
+    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     bounding_set = _narrow_bounding_set()
     _prepare()
     global _RAW_FORK
