@@ -144,9 +144,8 @@ def _reap_later(guest: GuestProcess, waiting: asyncio.Task[Any] | None) -> None:
     """
     if waiting is None or waiting.done():
         waiting = asyncio.get_running_loop().create_task(guest.wait())
-    task = waiting
-    _REAPING.add(task)
-    task.add_done_callback(_REAPING.discard)
+    _REAPING.add(waiting)
+    waiting.add_done_callback(_REAPING.discard)
 
 
 async def wait_reaped() -> None:

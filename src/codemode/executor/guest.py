@@ -697,12 +697,13 @@ def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
     if header["t"] != "start":
         raise ProtocolError("first frame must be start")
     limits: dict[str, Any] = header.get("limits") or {}
-    channel.max_payload = int(limits.get("max_result_bytes") or 0) or (64 << 20)
+    max_result = int(limits.get("max_result_bytes") or 0)
+    channel.max_payload = max_result or (64 << 20)
     namespace = _namespace(header, channel)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     apply_limits(limits)
-    done = _run(payload.decode("utf-8"), namespace, int(limits.get("max_result_bytes") or 0))
+    done = _run(payload.decode("utf-8"), namespace, max_result)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
