@@ -105,3 +105,20 @@ def processes_of(uid: int) -> list[int]:
         if int(uid_line.split()[1]) == uid:
             found.append(int(entry.name))
     return found
+
+
+def writes_that_succeed(paths: str, mode: str) -> str:
+    """A program that sets ``failures`` to those of ``paths`` it could open with ``mode`` and
+    write to (none, in a sound sandbox); ``paths`` is a list expression evaluated in the guest,
+    which has ``os`` imported."""
+    return (
+        "import os\n"
+        "failures = []\n"
+        f"for path in {paths}:\n"
+        "    try:\n"
+        f"        with open(path, {mode!r}) as f:\n"
+        "            f.write('x')\n"
+        "        failures.append(path)\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )

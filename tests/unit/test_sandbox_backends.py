@@ -16,7 +16,13 @@ import pytest
 from codemode.executor.bwrap import BwrapBackend
 from codemode.executor.forkserver import ForkServerBackend
 from codemode.executor.sandbox import SandboxLimits
-from tests.unit.sandbox_harness import FORKSERVER_UID_BASE, HostBackend, processes_of, run
+from tests.unit.sandbox_harness import (
+    FORKSERVER_UID_BASE,
+    HostBackend,
+    processes_of,
+    run,
+    writes_that_succeed,
+)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -82,22 +88,12 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
 
 
 async def test_root_fs_and_runtime_are_read_only(backend: HostBackend) -> None:
-    code = textwrap.dedent(
-        """
-        import os, sys
-        failures = []
-        for path in ["/x", "/usr/x", os.path.join(os.path.dirname(os.__file__), "x.py"),
-                     "/codemode/guest.py", "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]:
-            try:
-                with open(path, "a") as f:
-                    f.write("x")
-                failures.append(path)
-            except OSError:
-                pass
-        result = failures
-        """
+    code = writes_that_succeed(
+        '["/x", "/usr/x", os.path.join(os.path.dirname(os.__file__), "x.py"),'
+        ' "/codemode/guest.py", "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]',
+        "a",
     )
-    assert (await run(backend, code)).result == []
+    assert (await run(backend, code + "result = failures\n")).result == []
 
 
 async def test_no_network(backend: HostBackend) -> None:

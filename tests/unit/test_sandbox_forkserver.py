@@ -22,7 +22,7 @@ from codemode.executor.forkserver import ForkServerBackend
 from codemode.executor.guest import encode_frame
 from codemode.executor.sandbox import GuestFds, SandboxLimits
 from tests.unit.sandbox_harness import FORKSERVER_UID_BASE as UID_BASE
-from tests.unit.sandbox_harness import processes_of, run
+from tests.unit.sandbox_harness import processes_of, run, writes_that_succeed
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -83,21 +83,12 @@ async def _started(backend: ForkServerBackend, code: str) -> tuple[Any, socket.s
 
 
 async def test_proc_sys_is_not_writable_and_uid_is_unique(backend: ForkServerBackend) -> None:
-    code = textwrap.dedent(
-        """
-        import os
-        failures = []
-        for path in ["/proc/sys/kernel/hostname", "/proc/sys/kernel/core_pattern",
-                     "/proc/sys/vm/overcommit_memory"]:
-            try:
-                with open(path, "w") as f:
-                    f.write("x")
-                failures.append(path)
-            except OSError:
-                pass
-        result = {"failures": failures, "uid": os.getuid()}
-        """
+    code = writes_that_succeed(
+        '["/proc/sys/kernel/hostname", "/proc/sys/kernel/core_pattern",'
+        ' "/proc/sys/vm/overcommit_memory"]',
+        "w",
     )
+    code += 'result = {"failures": failures, "uid": os.getuid()}\n'
     outs = await asyncio.gather(*(run(backend, code) for _ in range(4)))
     assert all(o.result["failures"] == [] for o in outs)
     uids = [o.result["uid"] for o in outs]
