@@ -9,6 +9,9 @@ Codemode code in the way:
   processes (what relaying a tool call from the executor to the application and back costs);
 - ``grpc_call``: open a bidirectional stream, one message each way, close (the gRPC part of
   one execution), with the CPU it costs each side;
+
+  both with gRPC's I/O on the poller, as Codemode runs it (``codemode._grpc_io``), and again
+  (``*_default``) with grpcio's own default, EventEngine threads, for the comparison;
 - ``to_thread``: ``asyncio.to_thread`` of a function that returns at once (how the client runs
   a sync tool: never on the event loop);
 - ``unix_pingpong``: one byte each way over a Unix socket pair between two processes (the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -37,6 +41,11 @@ import grpc.aio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
+
+from codemode._grpc_io import POLLER_IO
+
+#: ``GRPC_EXPERIMENTS`` of both processes for each engine; set before they import grpc.
+ENGINES = {"": POLLER_IO, "_default": ""}
 
 _METHOD = "/floor.Echo/Stream"
 
@@ -144,18 +153,40 @@ def _unix_pingpong(n: int, reps: int) -> float:
     return round(statistics.median(per) * 1e6, 1)
 
 
-def measure(smoke: bool) -> dict[str, Any]:
-    messages, calls, reps = (20, 10, 1) if smoke else (2000, 300, 5)
+def _sizes(smoke: bool) -> tuple[int, int, int]:
+    return (20, 10, 1) if smoke else (2000, 300, 5)
+
+
+def _grpc_with(experiments: str, smoke: bool) -> dict[str, Any]:
+    """The gRPC figures, server and client each in a process of its own with this engine."""
+    env = dict(os.environ, GRPC_EXPERIMENTS=experiments)
     server = subprocess.Popen(  # the server side in its own process, as the executor is
-        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline())
-        out = asyncio.run(_grpc(port, server.pid, messages, calls, reps))
+        port = server.stdout.readline().strip()
+        smoke_flag = ["--smoke"] if smoke else []
+        client = subprocess.run(
+            [sys.executable, __file__, "--client", port, str(server.pid), *smoke_flag],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
     finally:
         server.kill()
         server.wait()
+    figures: dict[str, Any] = json.loads(client.stdout)
+    return figures
+
+
+def measure(smoke: bool) -> dict[str, Any]:
+    messages, _, reps = _sizes(smoke)
+    out: dict[str, Any] = {}
+    for suffix, experiments in ENGINES.items():
+        for key, value in _grpc_with(experiments, smoke).items():
+            out[key.replace("_us", f"{suffix}_us")] = value
     out["to_thread_us"] = asyncio.run(_to_thread(messages, reps))
     out["unix_pingpong_us"] = _unix_pingpong(messages, reps)
     # What a tool round trip cannot go below with this design: one gRPC message each way,
@@ -170,6 +201,10 @@ _ROWS = [
     ("grpc_call_us", "grpc.aio, open a stream + one message each way + close"),
     ("grpc_call_client_cpu_us", "  CPU of that call in the client"),
     ("grpc_call_server_cpu_us", "  CPU of that call in the server"),
+    ("grpc_pingpong_default_us", "the same message, grpcio's default I/O (EventEngine)"),
+    ("grpc_call_default_us", "the same call, grpcio's default I/O"),
+    ("grpc_call_client_cpu_default_us", "  CPU of that call in the client"),
+    ("grpc_call_server_cpu_default_us", "  CPU of that call in the server"),
     ("to_thread_us", "asyncio.to_thread round trip (a sync tool's hand-off)"),
     ("unix_pingpong_us", "Unix socket pair, one byte each way between two processes"),
     ("tool_call_floor_async_us", "floor of a tool round trip, async tool"),
@@ -181,9 +216,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         asyncio.run(_serve())
+        return
+    if args.client:
+        port, server_pid = args.client
+        print(json.dumps(asyncio.run(_grpc(port, server_pid, *_sizes(args.smoke)))))
         return
     results = measure(args.smoke)
     width = max(len(label) for _, label in _ROWS)

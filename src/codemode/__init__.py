@@ -1,5 +1,7 @@
 """Codemode: run LLM-written Python in a kernel sandbox against your application's tools."""
 
+# First, before anything imports grpc: which I/O engine grpc runs on (see _grpc_io).
+import codemode._grpc_io  # noqa: F401
 from codemode._version import __version__
 from codemode.config import ClientConfig
 from codemode.core import (

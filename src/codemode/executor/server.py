@@ -14,6 +14,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from codemode import _grpc_io
 from codemode.config import ExecutorConfig
 from codemode.config._defaults import MAX_MESSAGE_BYTES
 from codemode.executor.execution import wait_reaped
@@ -100,6 +101,7 @@ async def serve_forever(
             "address": f"{config.host}:{running.port}",
             "isolation": backend.describe(),
             "auth": config.api_key is not None,
+            "grpc_io": "poller" if _grpc_io.APPLIED else "grpc's default",
         },
     )
     if callable(on_ready):
