@@ -686,6 +686,22 @@ def warm_up() -> None:
     encode_frame(*_encode_result(namespace, 0))
 
 
+def prime(rounds: int = 64) -> None:
+    """Run a request's pure-Python path in the zygote until CPython has specialised it.
+
+    CPython 3.11 quickens a function after a few calls and then specialises its instructions,
+    writing to the code object each time until it settles. In a forked guest every such write
+    copies a page it shares with the zygote; made here first, they are made once, for all
+    guests. Measured (sequential ``2 + 2``, page faults of the zygote and its guests per
+    execution): ~600 without, ~560 with. Only fixed dummy requests run here; the program cache
+    entry they leave is removed.
+    """
+    for _ in range(rounds):
+        warm_up()
+        encode_frame(*_run("result = sum(range(10))", _namespace(_WARM_UP_HEADER, None), 0))
+    linecache.cache.pop(USER_FILENAME, None)
+
+
 def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
     """Run one execution on ``channel_fd``: read the start frame, run, report, return.
 

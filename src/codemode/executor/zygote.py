@@ -538,6 +538,7 @@ def _prepare() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     importlib.import_module("asyncio")  # a program that awaits should not pay its import
     _guest = importlib.import_module("guest")
+    _guest.prime()  # the request path specialised here, not again in every child
     # Everything imported so far is shared with every child, copy-on-write: keep the cyclic
     # collector's generations (and their writes) off those pages in the children.
     gc.collect()
