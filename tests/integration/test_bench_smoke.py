@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +16,24 @@ from tests.helpers import ISOLATION
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _run(script: str, results: Path) -> dict:
+def _run(script: str, results: Path, *args: str) -> dict:
     """Run ``bench/<script> --smoke`` with results in ``results`` and return its JSON document."""
     env = dict(os.environ, CODEMODE_BENCH_RESULTS=str(results))
     isolation = [] if script == "floor.py" else [f"--isolation={ISOLATION}"]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", *isolation],
+        [sys.executable, str(BENCH / script), "--smoke", *isolation, *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=100,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    name = {"run.py": "codemode", "growth.py": "growth", "floor.py": "floor"}[script]
+    name = {
+        "run.py": "codemode",
+        "growth.py": "growth",
+        "floor.py": "floor",
+        "sidebyside.py": "sidebyside",
+    }[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
 
@@ -69,4 +75,38 @@ def test_floor_smoke(tmp_path: Path) -> None:
     figures = doc["workloads"]
     for key in ("grpc_pingpong_us", "grpc_call_us", "to_thread_us", "unix_pingpong_us"):
         assert figures[key] > 0
+    for key in ("grpc_pingpong_default_us", "grpc_call_default_us"):  # grpcio's own I/O
+        assert figures[key] > 0
     assert figures["tool_call_floor_sync_us"] > figures["tool_call_floor_async_us"]
+
+
+GIT = shutil.which("git")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    assert GIT is not None
+    return subprocess.run(
+        [GIT, "-C", str(BENCH.parent), *args], capture_output=True, text=True, check=False
+    )
+
+
+def _git_checkout() -> bool:
+    return GIT is not None and _git("rev-parse", "HEAD").returncode == 0
+
+
+@pytest.mark.timeout(110)
+@pytest.mark.skipif(
+    not _git_checkout(), reason="bench/sidebyside.py checks out a commit: runs in a git clone"
+)
+def test_sidebyside_smoke(tmp_path: Path) -> None:
+    """``bench/sidebyside.py --smoke`` runs both sides, alternated, and leaves no worktree."""
+    before = _git("worktree", "list").stdout
+    doc = _run("sidebyside.py", tmp_path, "--base", "HEAD", "--reps", "2")
+    rounds = doc["workloads"]["rounds"]
+    assert len(rounds["base"]) == len(rounds["new"]) == 2
+    for figures in (*rounds["base"], *rounds["new"]):
+        assert figures["exec_per_s"] > 0
+        assert figures["executor_cpu_ms"] > 0
+        assert figures["p50_ms"] > 0
+    after = _git("worktree", "list").stdout
+    assert after == before
