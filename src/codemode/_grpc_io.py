@@ -5,8 +5,8 @@ first imported. By default (grpcio 1.85 here) a channel's and a server's socket 
 writes run on EventEngine threads, and with ``grpc.aio`` each message is then handed between
 more threads on each side than on the older path, where the thread polling grpc.aio's
 completion queue does the socket I/O itself. Measured side by side on one machine (2 vCPUs,
-``bench/floor.py``, which measures both): one message each way on an open stream 110-185 us
-against 200-260 us, a whole call 450-675 us against 850-970 us, and 20-45% less CPU on each
+``bench/floor.py``, which measures both): one message each way on an open stream 110-180 us
+against 200-260 us, a whole call 450-700 us against 850-1,010 us, and 15-45% less CPU on each
 side.
 
 So, unless the process says otherwise, ``import codemode`` imports ``grpc`` with the two
