@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import textwrap
 from collections.abc import AsyncIterator
@@ -400,3 +401,93 @@ def test_after_a_raw_fork_random_is_reseeded() -> None:
     state = random.getstate()
     zygote._after_fork()
     assert random.getstate() != state
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def _release(ready: Any) -> None:
+    """Let go of an acquired guest that was never used."""
+    ready.process.kill()
+    ready.channel.close()
+    os.close(ready.stdout)
+    os.close(ready.stderr)
+
+
+async def test_an_empty_pool_hands_over_a_guest_already_being_forked() -> None:
+    """A request that finds the pool empty while guests are being forked for it takes the
+    first of them ready, instead of forking one more of its own."""
+    b = ForkServerBackend(pool_size=2, uid_base=UID_BASE + 60_000)
+    await b.start()
+    taken: list[Any] = []
+    try:
+        await _until(lambda: len(b._pool) == 2, "a full pool")
+        zygote = _zygote_pid(b)
+        os.kill(zygote, signal.SIGSTOP)  # the refills stay in flight until SIGCONT
+        taken += [await b.acquire(), await b.acquire()]  # the pool is empty: 2 refills
+        await _until(lambda: b._forking == 2, "the refills in flight")
+        forks = b._next_id
+        waiting = asyncio.ensure_future(b.acquire())
+        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+        os.kill(zygote, signal.SIGCONT)
+        taken.append(await asyncio.wait_for(waiting, 10))
+        assert b._next_id == forks  # it forked none of its own
+        assert not b._waiting
+        assert (await run(b, "result = 6 * 7")).result == 42
+    finally:
+        for ready in taken:
+            _release(ready)
+        await b.close()
+
+
+async def test_a_waiting_request_forks_its_own_when_the_forks_in_flight_fail() -> None:
+    """The guests it waited for die with their zygote: the request still gets one."""
+    b = ForkServerBackend(pool_size=2, uid_base=UID_BASE + 70_000)
+    await b.start()
+    taken: list[Any] = []
+    try:
+        await _until(lambda: len(b._pool) == 2, "a full pool")
+        zygote = _zygote_pid(b)
+        os.kill(zygote, signal.SIGSTOP)
+        taken += [await b.acquire(), await b.acquire()]
+        await _until(lambda: b._forking == 2, "the refills in flight")
+        waiting = asyncio.ensure_future(b.acquire())
+        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+        os.kill(zygote, signal.SIGKILL)
+        taken.append(await asyncio.wait_for(waiting, 20))
+        assert not b._waiting
+        assert _zygote_pid(b) != zygote
+        assert (await run(b, "result = 6 * 7")).result == 42
+    finally:
+        for ready in taken:
+            _release(ready)
+        await b.close()
+
+
+async def test_a_cancelled_wait_leaves_the_guest_to_the_pool() -> None:
+    b = ForkServerBackend(pool_size=1, uid_base=UID_BASE + 80_000)
+    await b.start()
+    taken: list[Any] = []
+    try:
+        await _until(lambda: len(b._pool) == 1, "a full pool")
+        zygote = _zygote_pid(b)
+        os.kill(zygote, signal.SIGSTOP)
+        taken.append(await b.acquire())
+        await _until(lambda: b._forking == 1, "the refill in flight")
+        waiting = asyncio.ensure_future(b.acquire())
+        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not b._waiting
+        os.kill(zygote, signal.SIGCONT)
+        await _until(lambda: len(b._pool) == 1, "the forked guest in the pool")
+    finally:
+        for ready in taken:
+            _release(ready)
+        await b.close()

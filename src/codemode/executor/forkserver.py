@@ -21,7 +21,9 @@ pool. It joined its execution's cgroups first thing after the fork, by writing t
 so everything it does is accounted there. ``acquire`` hands the control socket (now
 the channel) and the read ends to the execution, which only writes the start frame; ``spawn``
 instead sends the guest a channel, stdout and stderr of the caller's. Nothing on the request
-path starts a process or makes a descriptor.
+path starts a process or makes a descriptor. When the pool is empty, a request takes the next
+guest already being forked for it rather than forking one more (which would be ready later and
+add to the load that emptied the pool); it forks its own only when none is on its way.
 
 The guest is pid 1 of its namespace, so :meth:`GuestProcess.kill` is one ``SIGKILL`` through
 its pidfd and takes every process of the execution along. The zygote reaps it and reports the
@@ -141,6 +143,8 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         self._quick_crashes = 0
         self.last_zygote_error = ""
         self._forking = 0
+        #: Requests waiting for the next guest forked for the pool (``None``: fork your own).
+        self._waiting: collections.deque[asyncio.Future[_ForkGuest | None]] = collections.deque()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._live: set[_ForkGuest] = set()
 
@@ -324,6 +328,12 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         for _ in range(3):
             guest = self._pool.popleft() if self._pool else None
             self._schedule_refill()
+            if guest is None and self._forking > len(self._waiting):
+                # Guests are being forked for the pool already, and one is not yet claimed:
+                # it is ready sooner than a fork of our own would be.
+                guest = await self._next_pooled()
+                if self._closed:
+                    raise RuntimeError("backend is closed")
             if guest is None:
                 guest = await self._fork()
                 try:
@@ -366,13 +376,35 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         def done(future: asyncio.Future[None]) -> None:
             self._forking -= 1
             if future.cancelled() or future.exception() is not None:
+                self._hand_over_pooled(None)  # one fewer coming: a waiter forks its own
                 return
             if self._closed or guest._zygote.dead:
                 guest.kill()
+                self._hand_over_pooled(None)
                 return
-            self._pool.append(guest)
+            if not self._hand_over_pooled(guest):
+                self._pool.append(guest)
 
         return done
+
+    async def _next_pooled(self) -> _ForkGuest | None:
+        """The next guest forked for the pool once it is ready; None: fork one yourself."""
+        waiter: asyncio.Future[_ForkGuest | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)  # still queued only if cancelled
+
+    def _hand_over_pooled(self, guest: _ForkGuest | None) -> bool:
+        """Give a ready guest (or None) to the longest waiting request; whether one took it."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(guest)
+                return True
+        return False
 
     async def _fork(self) -> _ForkGuest:
         """Ask the zygote for one guest; it is ready when ``guest._ready`` is."""
@@ -426,6 +458,8 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         return await asyncio.to_thread(cg.acquire, limits.memory_bytes, limits.max_processes)
 
     async def _stop_guests(self) -> None:
+        while self._hand_over_pooled(None):  # waiting requests see the backend closed
+            pass
         for guest in list(self._live):
             guest.kill()
         zygote = self._zygote
