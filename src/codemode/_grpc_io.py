@@ -45,5 +45,5 @@ def choose() -> bool:
     return True
 
 
-#: Whether this process runs grpc's I/O on the poller (for ``codemode doctor`` and the logs).
+#: Whether this process runs grpc's I/O on the poller (`codemode serve` logs it at start).
 APPLIED = choose()
