@@ -7,6 +7,7 @@ for both in ``test_sandbox_backends.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -419,75 +420,62 @@ def _release(ready: Any) -> None:
     os.close(ready.stderr)
 
 
-async def test_an_empty_pool_hands_over_a_guest_already_being_forked() -> None:
-    """A request that finds the pool empty while guests are being forked for it takes the
-    first of them ready, instead of forking one more of its own."""
-    b = ForkServerBackend(pool_size=2, uid_base=UID_BASE + 60_000)
+@contextlib.asynccontextmanager
+async def _drained_pool(pool_size: int, uid_offset: int) -> AsyncIterator[tuple[Any, int, list]]:
+    """A backend whose pool was emptied while its zygote is stopped (``SIGSTOP``), so the
+    refills stay in flight: (backend, zygote pid, the guests taken, released at the end)."""
+    b = ForkServerBackend(pool_size=pool_size, uid_base=UID_BASE + uid_offset)
     await b.start()
     taken: list[Any] = []
     try:
-        await _until(lambda: len(b._pool) == 2, "a full pool")
+        await _until(lambda: len(b._pool) == pool_size, "a full pool")
         zygote = _zygote_pid(b)
-        os.kill(zygote, signal.SIGSTOP)  # the refills stay in flight until SIGCONT
-        taken += [await b.acquire(), await b.acquire()]  # the pool is empty: 2 refills
-        await _until(lambda: b._forking == 2, "the refills in flight")
+        os.kill(zygote, signal.SIGSTOP)
+        taken += [await b.acquire() for _ in range(pool_size)]
+        await _until(lambda: b._forking == pool_size, "the refills in flight")
+        yield b, zygote, taken
+    finally:
+        for ready in taken:
+            _release(ready)
+        await b.close()
+
+
+async def _waiting_acquire(b: ForkServerBackend) -> asyncio.Future[Any]:
+    waiting = asyncio.ensure_future(b.acquire())
+    await _until(lambda: len(b._waiting) == 1, "the request to wait")
+    return waiting
+
+
+async def test_an_empty_pool_hands_over_a_guest_already_being_forked() -> None:
+    """A request that finds the pool empty while guests are being forked for it takes the
+    first of them ready, instead of forking one more of its own."""
+    async with _drained_pool(2, 60_000) as (b, zygote, taken):
         forks = b._next_id
-        waiting = asyncio.ensure_future(b.acquire())
-        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+        waiting = await _waiting_acquire(b)
         os.kill(zygote, signal.SIGCONT)
         taken.append(await asyncio.wait_for(waiting, 10))
         assert b._next_id == forks  # it forked none of its own
         assert not b._waiting
         assert (await run(b, "result = 6 * 7")).result == 42
-    finally:
-        for ready in taken:
-            _release(ready)
-        await b.close()
 
 
 async def test_a_waiting_request_forks_its_own_when_the_forks_in_flight_fail() -> None:
     """The guests it waited for die with their zygote: the request still gets one."""
-    b = ForkServerBackend(pool_size=2, uid_base=UID_BASE + 70_000)
-    await b.start()
-    taken: list[Any] = []
-    try:
-        await _until(lambda: len(b._pool) == 2, "a full pool")
-        zygote = _zygote_pid(b)
-        os.kill(zygote, signal.SIGSTOP)
-        taken += [await b.acquire(), await b.acquire()]
-        await _until(lambda: b._forking == 2, "the refills in flight")
-        waiting = asyncio.ensure_future(b.acquire())
-        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+    async with _drained_pool(2, 70_000) as (b, zygote, taken):
+        waiting = await _waiting_acquire(b)
         os.kill(zygote, signal.SIGKILL)
         taken.append(await asyncio.wait_for(waiting, 20))
         assert not b._waiting
         assert _zygote_pid(b) != zygote
         assert (await run(b, "result = 6 * 7")).result == 42
-    finally:
-        for ready in taken:
-            _release(ready)
-        await b.close()
 
 
 async def test_a_cancelled_wait_leaves_the_guest_to_the_pool() -> None:
-    b = ForkServerBackend(pool_size=1, uid_base=UID_BASE + 80_000)
-    await b.start()
-    taken: list[Any] = []
-    try:
-        await _until(lambda: len(b._pool) == 1, "a full pool")
-        zygote = _zygote_pid(b)
-        os.kill(zygote, signal.SIGSTOP)
-        taken.append(await b.acquire())
-        await _until(lambda: b._forking == 1, "the refill in flight")
-        waiting = asyncio.ensure_future(b.acquire())
-        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+    async with _drained_pool(1, 80_000) as (b, zygote, _):
+        waiting = await _waiting_acquire(b)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert not b._waiting
         os.kill(zygote, signal.SIGCONT)
         await _until(lambda: len(b._pool) == 1, "the forked guest in the pool")
-    finally:
-        for ready in taken:
-            _release(ready)
-        await b.close()
