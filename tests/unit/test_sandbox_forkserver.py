@@ -479,3 +479,21 @@ async def test_a_cancelled_wait_leaves_the_guest_to_the_pool() -> None:
         assert not b._waiting
         os.kill(zygote, signal.SIGCONT)
         await _until(lambda: len(b._pool) == 1, "the forked guest in the pool")
+
+
+async def test_a_guest_handed_over_as_its_request_is_cancelled_goes_back_to_the_pool() -> None:
+    b = ForkServerBackend(pool_size=1, uid_base=UID_BASE + 90_000)
+    await b.start()
+    try:
+        await _until(lambda: len(b._pool) == 1, "a full pool")
+        guest = b._pool.popleft()
+        waiting = asyncio.ensure_future(b._next_pooled())
+        await _until(lambda: len(b._waiting) == 1, "the request to wait")
+        assert b._hand_over_pooled(guest)
+        waiting.cancel()  # before the request has run again to take it
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert list(b._pool) == [guest]
+        assert (await run(b, "result = 6 * 7")).result == 42
+    finally:
+        await b.close()

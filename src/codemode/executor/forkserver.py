@@ -393,6 +393,12 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         self._waiting.append(waiter)
         try:
             return await waiter
+        except BaseException:
+            # Cancelled just as a guest was handed over: it goes back to the pool, not astray.
+            handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
+            if handed is not None:
+                self._pool.append(handed)
+            raise
         finally:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)  # still queued only if cancelled
