@@ -4,9 +4,9 @@ grpcio's C core reads the ``GRPC_EXPERIMENTS`` environment variable once, when `
 first imported. By default (grpcio 1.85 here) a channel's and a server's socket reads and
 writes run on EventEngine threads, and with ``grpc.aio`` each message is then handed between
 more threads on each side than on the older path, where the thread polling grpc.aio's
-completion queue does the socket I/O itself. Measured side by side on one machine (2 vCPUs,
-``bench/floor.py``, which measures both): one message each way on an open stream 110-180 us
-against 200-260 us, a whole call 450-700 us against 850-1,010 us, and 15-45% less CPU on each
+completion queue does the socket I/O itself. Measured on one machine (2 vCPUs, eight runs of
+``bench/floor.py``, which measures both): one message each way on an open stream 133-184 us
+against 235-285 us, a whole call 521-736 us against 875-1,072 us, and 10-45% less CPU on each
 side.
 
 So, unless the process says otherwise, ``import codemode`` imports ``grpc`` with the two
