@@ -145,7 +145,6 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         self._forking = 0
         #: Requests waiting for the next guest forked for the pool (``None``: fork your own).
         self._waiting: collections.deque[asyncio.Future[_ForkGuest | None]] = collections.deque()
-        self._cleanups: set[asyncio.Task[None]] = set()
         self._live: set[_ForkGuest] = set()
 
     # -- setup ---------------------------------------------------------------------------
@@ -477,8 +476,6 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         waits = [g._finished for g in list(self._live) if g._finished is not None]
         if waits:
             await asyncio.gather(*waits, return_exceptions=True)
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
 class _ForkGuest(_HostGuest):

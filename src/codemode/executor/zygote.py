@@ -26,8 +26,8 @@ writing), it forks a child that is pid 1 of a new pid namespace (``unshare(CLONE
    passed in once at start-up);
 5. takes a request's first-run copy-on-write faults ahead (:func:`guest.warm_up`);
 6. makes its stdout and stderr pipes and writes one byte on its control socket with their read
-   ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``,
-   puts it in its cgroups and keeps the read ends; a request then only writes the start frame
+   ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``
+   and keeps the read ends; a request then only writes the start frame
    on the control socket, which is the channel (or sends a channel, stdout and stderr of its
    own); the child then runs :func:`guest.serve_one`.
 
