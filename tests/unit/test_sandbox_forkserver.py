@@ -23,6 +23,7 @@ from codemode.executor.bwrap import SandboxUnavailable
 from codemode.executor.forkserver import ForkServerBackend
 from codemode.executor.guest import encode_frame
 from codemode.executor.sandbox import GuestFds, SandboxLimits
+from tests.helpers import wait_until
 from tests.unit.sandbox_harness import FORKSERVER_UID_BASE as UID_BASE
 from tests.unit.sandbox_harness import processes_of, run, writes_that_succeed
 
@@ -405,11 +406,8 @@ def test_after_a_raw_fork_random_is_reseeded() -> None:
 
 
 async def _until(condition: Any, what: str, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    met = await asyncio.to_thread(wait_until, condition, timeout_s, 0.005)
+    assert met, f"timed out waiting for {what}"
 
 
 def _release(ready: Any) -> None:
