@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,12 @@ def _serve_command(port: int, extra: list[str]) -> list[str]:
 class Executor:
     """A ``codemode serve`` child process on a free loopback port."""
 
-    def __init__(self, api_key: str, extra_args: list[str]) -> None:
+    def __init__(
+        self, api_key: str, extra_args: list[str], env: Mapping[str, str] | None = None
+    ) -> None:
         self.api_key = api_key
         self.extra_args = extra_args
+        self.env = dict(os.environ if env is None else env)
         self.port = benchlib.free_port()
         self.proc: asyncio.subprocess.Process | None = None
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
@@ -97,7 +100,7 @@ class Executor:
         return self.proc.pid
 
     async def start(self) -> None:
-        env = dict(os.environ, CODEMODE_API_KEY=self.api_key)
+        env = dict(self.env, CODEMODE_API_KEY=self.api_key)
         self.proc = await asyncio.create_subprocess_exec(
             *_serve_command(self.port, self.extra_args),
             stdin=asyncio.subprocess.DEVNULL,

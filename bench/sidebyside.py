@@ -4,9 +4,10 @@
 
 This VM's speed drifts by ~10 % within minutes, more than most single changes are worth, so a
 change is judged by running both versions at once and alternating between them. ``--base``
-is checked out into a temporary git worktree; each side gets its own ``codemode serve`` (both
-running for the whole comparison, logging at WARNING) and, for each round, a fresh client
-process, both importing that side's ``src``. Each round measures, through the public SDK:
+is checked out into a temporary git worktree; each side gets its own ``codemode serve``
+(``run.py``'s ``Executor``; both running for the whole comparison, logging at WARNING) and,
+for each round, a fresh client process, both importing that side's ``src``. Each round
+measures, through the public SDK:
 
 - ``result = 2 + 2`` sequentially (p50, p99);
 - a trivial tool called 50 times in one execution, async and sync (per call, as ``run.py``);
@@ -37,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
+from run import Executor, code_async_tool, code_sync_tool
 
 ROOT = benchlib.BENCH_DIR.parent
 
@@ -55,14 +57,6 @@ FIGURES = [
 ]
 
 
-def _async_tool(calls: int) -> str:
-    return f"for i in range({calls}):\n    await tools['aecho'].run_async(i=i)\nresult = {calls}\n"
-
-
-def _sync_tool(calls: int) -> str:
-    return f"for i in range({calls}):\n    tools.echo(i=i)\nresult = {calls}\n"
-
-
 async def _measure(url: str, key: str, pid: int, smoke: bool) -> dict[str, float]:
     """One round against one executor, from this process (the side's own client)."""
     from codemode import Codemode
@@ -78,8 +72,8 @@ async def _measure(url: str, key: str, pid: int, smoke: bool) -> dict[str, float
         trivial = benchlib.summarize_ms(
             await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, n_seq)
         )
-        async_tool = await benchlib.tool_loop(execute, _async_tool, calls, reps)
-        sync_tool = await benchlib.tool_loop(execute, _sync_tool, calls, reps)
+        async_tool = await benchlib.tool_loop(execute, code_async_tool, calls, reps)
+        sync_tool = await benchlib.tool_loop(execute, code_sync_tool, calls, reps)
         with benchlib.CpuMeter(pid) as cpu:
             conc = await benchlib.concurrent(
                 execute, benchlib.CODE_SUM, sum(range(1000)), n_conc, 16
@@ -129,30 +123,6 @@ def _side_env(src: Path) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _serve(src: Path, key: str, isolation: str | None) -> Iterator[tuple[str, int]]:
-    """``codemode serve`` of the code in ``src`` on a free port: (url, pid)."""
-    port = benchlib.free_port()
-    argv = [sys.executable, "-m", "codemode.cli", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--log-level=WARNING"]
-    if isolation:
-        argv.append(f"--isolation={isolation}")
-    proc = subprocess.Popen(
-        argv,
-        env=dict(_side_env(src), CODEMODE_API_KEY=key),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        if "listening" not in proc.stdout.readline():
-            raise RuntimeError(f"codemode serve of {src} did not start")
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def _round(src: Path, url: str, key: str, pid: int, smoke: bool) -> dict[str, float]:
     smoke_flag = ["--smoke"] if smoke else []
     out = subprocess.run(
@@ -169,21 +139,30 @@ def _round(src: Path, url: str, key: str, pid: int, smoke: bool) -> dict[str, fl
     return figures
 
 
-def compare(base: str, reps: int, smoke: bool, isolation: str | None) -> dict[str, Any]:
+async def compare(base: str, reps: int, smoke: bool, isolation: str | None) -> dict[str, Any]:
     key = secrets.token_hex(16)
+    extra = ["--log-level=WARNING"] + ([f"--isolation={isolation}"] if isolation else [])
     rounds: dict[str, list[dict[str, float]]] = {"base": [], "new": []}
-    with _worktree(base) as tree, contextlib.ExitStack() as stack:
+    with _worktree(base) as tree:
         sources = {"base": tree / "src", "new": ROOT / "src"}
-        servers = {
-            name: stack.enter_context(_serve(src, key, isolation)) for name, src in sources.items()
+        executors = {
+            name: Executor(key, extra, env=_side_env(src)) for name, src in sources.items()
         }
-        for rep in range(reps):
-            for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
-                url, pid = servers[name]
-                figures = _round(sources[name], url, key, pid, smoke)
-                rounds[name].append(figures)
-                cells = " ".join(f"{k}={fmt.format(figures[k])}" for k, _, fmt in FIGURES)
-                print(f"{name:4s} {cells}", flush=True)
+        try:
+            for executor in executors.values():
+                await executor.start()
+            for rep in range(reps):
+                for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
+                    executor = executors[name]
+                    figures = await asyncio.to_thread(
+                        _round, sources[name], executor.url, key, executor.pid, smoke
+                    )
+                    rounds[name].append(figures)
+                    cells = " ".join(f"{k}={fmt.format(figures[k])}" for k, _, fmt in FIGURES)
+                    print(f"{name:4s} {cells}", flush=True)
+        finally:
+            for executor in executors.values():
+                await executor.stop()
     return {"base": base, "reps": reps, "rounds": rounds}
 
 
@@ -203,7 +182,7 @@ def main() -> None:
         url, key, pid = args.measure
         print(json.dumps(asyncio.run(_measure(url, key, int(pid), args.smoke))))
         return
-    result = compare(args.base, args.reps, args.smoke, args.isolation)
+    result = asyncio.run(compare(args.base, args.reps, args.smoke, args.isolation))
     print(f"\nranges over {args.reps} rounds (base = {args.base}, new = this checkout):")
     for key, label, fmt in FIGURES:
         cells = []
