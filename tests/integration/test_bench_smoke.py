@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def _run(script: str, results: Path, *args: str) -> dict:
     """Run ``bench/<script> --smoke`` with results in ``results`` and return its JSON document."""
     env = dict(os.environ, CODEMODE_BENCH_RESULTS=str(results))
-    isolation = [] if script == "floor.py" else [f"--isolation={ISOLATION}"]
+    isolation = {"floor.py": [], "pagefaults.py": ["--isolation=forkserver"]}.get(
+        script, [f"--isolation={ISOLATION}"]
+    )
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--smoke", *isolation, *args],
         env=env,
@@ -33,6 +36,7 @@ def _run(script: str, results: Path, *args: str) -> dict:
         "growth.py": "growth",
         "floor.py": "floor",
         "sidebyside.py": "sidebyside",
+        "pagefaults.py": "pagefaults",
     }[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
@@ -110,3 +114,25 @@ def test_sidebyside_smoke(tmp_path: Path) -> None:
         assert figures["p50_ms"] > 0
     after = _git("worktree", "list").stdout
     assert after == before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    shutil.which("perf") is None
+    or shutil.which("bwrap") is None
+    or os.geteuid() != 0
+    or platform.machine() != "x86_64",
+    reason="bench/pagefaults.py records x86's page-fault tracepoint with perf in the fork-server "
+    "sandbox: runs as root on x86-64 where perf (Debian: linux-perf) and bubblewrap are installed",
+)
+def test_pagefaults_smoke(tmp_path: Path) -> None:
+    """``bench/pagefaults.py --smoke`` counts the zygote's and each new guest's page faults."""
+    doc = _run("pagefaults.py", tmp_path)
+    figures = doc["workloads"]
+    assert figures["executions"] == 20
+    assert figures["guests_seen"] >= 20  # a fresh guest per execution
+    per_execution = figures["per_execution"]
+    assert per_execution["guests"] > 0
+    assert per_execution["zygote"] > 0  # it forks a replacement for each guest taken
+    assert figures["per_execution_by_kind"]["write, copy on write"] > 0
+    assert figures["per_execution_by_area"][0]["faults"] > 0
