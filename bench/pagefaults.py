@@ -9,8 +9,9 @@ fault on the machine, then counts those of the sandbox: the fork server's zygote
 put in the zygote's memory area it hit (a guest is a fork of the zygote, so its areas are the
 zygote's) and in its kind, from the fault's error code: a write to a page already mapped (a
 copy-on-write copy, in a guest or in the zygote after a fork), a write to an unmapped page, a
-read or an instruction fetch. Needs root, x86-64 (the tracepoint is x86's) and ``perf`` (Debian: ``apt-get install
-linux-perf``); run it on an otherwise quiet machine, since the recording is system-wide.
+read or an instruction fetch. Needs root, x86-64 (the tracepoint is x86's) and ``perf``
+(Debian: ``apt-get install linux-perf``); run it on an otherwise quiet machine, since the
+recording is system-wide.
 
 Prints a table and writes ``bench/results/pagefaults.json`` (``pagefaults.smoke.json`` with
 ``--smoke``).
