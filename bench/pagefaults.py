@@ -23,14 +23,17 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import errno
 import os
 import platform
 import re
 import secrets
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -127,36 +130,64 @@ def _perf() -> str:
     return perf
 
 
-def _has_data(path: str) -> bool:
-    return os.path.exists(path) and os.path.getsize(path) > 0
-
-
 class Recording:
-    """``perf record`` of every user-space page fault on the machine, from start() to stop()."""
+    """``perf record`` of every user-space page fault on the machine, from start() to stop().
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    perf starts with its events disabled and enables them on a command through its control
+    FIFO, acknowledging it: recording begins before start() returns, not some time after.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "perf.data")
+        self.ctl = os.path.join(directory, "ctl")
+        self.ack = os.path.join(directory, "ack")
         self.perf = _perf()
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        os.mkfifo(self.ctl)
+        os.mkfifo(self.ack)
         self.proc = await asyncio.create_subprocess_exec(
             *(self.perf, "record", "-q", "-a", "-e", "exceptions:page_fault_user"),
-            *("-o", self.path),
+            *("-D", "-1", "--control", f"fifo:{self.ctl},{self.ack}", "-o", self.path),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        # perf writes its file's header once it records; faults before that would be missed.
-        for _ in range(200):
-            if _has_data(self.path):
-                return
-            if self.proc.returncode is not None:
+        try:
+            await asyncio.to_thread(self._enable, time.monotonic() + 30)
+        except OSError as exc:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            _, stderr = await self.proc.communicate()
+            raise RuntimeError(f"perf record did not start ({exc}):\n{stderr.decode()}") from None
+
+    def _enable(self, deadline: float) -> None:
+        assert self.proc is not None
+        while True:  # ENXIO until perf has opened its end of the FIFO
+            try:
+                ctl = os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK)
                 break
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        _, stderr = await self.proc.communicate()
-        raise RuntimeError(f"perf record did not start:\n{stderr.decode(errors='replace')}")
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                if self.proc.returncode is not None:
+                    raise OSError(errno.ECHILD, "perf exited") from None
+                time.sleep(0.02)
+        ack = os.open(self.ack, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            os.write(ctl, b"enable\n")
+            reply = b""
+            while not reply.startswith(b"ack"):
+                if time.monotonic() > deadline:
+                    raise OSError(errno.ETIMEDOUT, "perf did not acknowledge 'enable'")
+                select.select([ack], [], [], 0.1)
+                with contextlib.suppress(BlockingIOError):
+                    reply += os.read(ack, 16)  # b"" while perf has not opened its end yet
+                if not reply:
+                    time.sleep(0.01)
+        finally:
+            os.close(ctl)
+            os.close(ack)
 
     async def stop(self) -> str:
         """Stop recording; the recorded faults as ``perf script`` lines."""
@@ -196,7 +227,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 await codemode.execute_async(benchlib.CODE_TRIVIAL)
             zygote, comm, memory = inspect_zygote(executor.pid)
             with tempfile.TemporaryDirectory(prefix="codemode-pagefaults-") as tmp:
-                recording = Recording(os.path.join(tmp, "perf.data"))
+                recording = Recording(tmp)
                 await recording.start()
                 try:
                     for _ in range(args.n):
