@@ -78,7 +78,7 @@ async def _exec_embedded(code: str, timeout: float | None) -> Any:
         async with Codemode.from_client_config(client_config) as codemode:
             return await codemode.run_async(code, execution_timeout=timeout)
     finally:
-        await running.stop(0)
+        await running.stop(1.0)
 
 
 async def _exec_remote(code: str, timeout: float | None) -> Any:
