@@ -78,6 +78,8 @@ async def _exec_embedded(code: str, timeout: float | None) -> Any:
         async with Codemode.from_client_config(client_config) as codemode:
             return await codemode.run_async(code, execution_timeout=timeout)
     finally:
+        # With a grace, even with no call left, the server's goodbye (GOAWAY) carries no error;
+        # with none it cancels "all calls" and the client's closing connection logs that.
         await running.stop(1.0)
 
 
