@@ -121,7 +121,7 @@ async def wait_for_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _proc_stats() -> dict[int, list[bytes]]:
+def proc_stats() -> dict[int, list[bytes]]:
     """Every process's /proc/PID/stat fields from the state on (``[0]`` is field 3)."""
     stats: dict[int, list[bytes]] = {}
     for entry in os.scandir("/proc"):
@@ -139,7 +139,7 @@ def _proc_stats() -> dict[int, list[bytes]]:
 
 def _children_map(stats: dict[int, list[bytes]] | None = None) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
-    for pid, fields in (stats if stats is not None else _proc_stats()).items():
+    for pid, fields in (stats if stats is not None else proc_stats()).items():
         children.setdefault(int(fields[1]), []).append(pid)
     return children
 
@@ -199,7 +199,7 @@ def tree_cpu_seconds(root: int) -> float:
     time moves into the parent's cutime/cstime); kernel threads working for the tree (network
     namespace clean-up, RCU) are not counted.
     """
-    stats = _proc_stats()  # one read of each process: utime, stime, cutime, cstime
+    stats = proc_stats()  # one read of each process: utime, stime, cutime, cstime
     ticks = sum(sum(int(x) for x in stats[pid][11:15]) for pid in tree_pids(root, stats))
     return ticks / _CLK_TCK
 

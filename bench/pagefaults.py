@@ -81,8 +81,9 @@ class MemoryMap:
 
 def find_zygote(executor_pid: int) -> int | None:
     """The fork server's zygote in the executor's process tree (None with other isolation)."""
+    stats = benchlib.proc_stats()
     pythons = []
-    for pid in benchlib.tree_pids(executor_pid):
+    for pid in benchlib.tree_pids(executor_pid, stats):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -91,11 +92,7 @@ def find_zygote(executor_pid: int) -> int | None:
         if Path(argv[0].decode()).name.startswith("python") and ZYGOTE_MOUNT.encode() in argv:
             pythons.append(pid)
     # Its pre-forked guests share its command line; the zygote is the one whose parent is not.
-    for pid in pythons:
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        if parent not in pythons:
-            return pid
-    return None
+    return next((pid for pid in pythons if int(stats[pid][1]) not in pythons), None)
 
 
 def count(
