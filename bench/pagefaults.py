@@ -220,16 +220,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             ClientConfig(executor_url=executor.url, executor_api_key=executor.api_key)
         )
         try:
-            for _ in range(args.warmup):
-                await codemode.execute_async(benchlib.CODE_TRIVIAL)
+            execute = codemode.execute_async
+            await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, args.warmup)
             zygote, comm, memory = inspect_zygote(executor.pid)
             with tempfile.TemporaryDirectory(prefix="codemode-pagefaults-") as tmp:
                 recording = Recording(tmp)
                 await recording.start()
                 try:
-                    for _ in range(args.n):
-                        result = await codemode.execute_async(benchlib.CODE_TRIVIAL)
-                        assert benchlib.decode(result) == 4, result
+                    await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, args.n)
                 finally:
                     script = await recording.stop()
         finally:
