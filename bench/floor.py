@@ -10,7 +10,7 @@ Codemode code in the way:
 - ``grpc_call``: open a bidirectional stream, one message each way, close (the gRPC part of
   one execution), with the CPU it costs each side;
 
-  both with gRPC's I/O on the poller, as Codemode runs it (``codemode._grpc_io``), and again
+  both with gRPC's I/O on the poller, as Codemode runs it (``codemode.wire.grpc_io``), and again
   (``*_default``) with grpcio's own default, EventEngine threads, for the comparison;
 - ``to_thread``: ``asyncio.to_thread`` of a function that returns at once (how the client runs
   a sync tool: never on the event loop);
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
 
-from codemode._grpc_io import POLLER_IO
+from codemode.wire.grpc_io import POLLER_IO
 
 #: ``GRPC_EXPERIMENTS`` of both processes for each engine; set before they import grpc.
 ENGINES = {"": POLLER_IO, "_default": ""}

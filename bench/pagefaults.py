@@ -44,7 +44,7 @@ import benchlib
 from run import Executor
 
 from codemode import ClientConfig, Codemode
-from codemode.executor.forkserver import ZYGOTE_MOUNT
+from codemode.executor.sandbox.forkserver import ZYGOTE_MOUNT
 
 #: One line of ``perf script -F comm,pid,trace`` for this tracepoint.
 _LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+address=(0x[0-9a-f]+) ip=\S+ error_code=(0x[0-9a-f]+)")

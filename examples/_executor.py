@@ -21,9 +21,9 @@ async def executor_config() -> AsyncIterator[ClientConfig]:
     if os.environ.get("CODEMODE_EXECUTOR_URL"):
         yield ClientConfig.load()  # CODEMODE_EXECUTOR_URL and CODEMODE_EXECUTOR_API_KEY
         return
-    from codemode.executor.backends import IsolationUnavailable, make_backend
-    from codemode.executor.sandbox import ProcessBackend
-    from codemode.executor.server import start_server
+    from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
+    from codemode.executor.sandbox.process import ProcessBackend
+    from codemode.executor.service.server import start_server
 
     key = secrets.token_urlsafe(24)
     server_config = ExecutorConfig.load(host="127.0.0.1", port=0, api_key=key)

@@ -99,8 +99,9 @@ def descendants(root: int) -> list[ProcRef]:
 
 
 def guests(root: int) -> list[ProcRef]:
-    """Processes below ``root`` running the guest runtime (``guest.py``), idle ones included."""
-    return [p for p in descendants(root) if "guest.py" in p.cmdline]
+    """Processes below ``root`` running the guest runtime (``python ... GUEST_DIR``), idle ones
+    included."""
+    return [p for p in descendants(root) if any(a.endswith("/guest") for a in p.cmdline.split())]
 
 
 #: Programs that must be seen running start a child process whose command line holds a marker:
@@ -119,7 +120,7 @@ def marked_program(tag: str, then: str = "time.sleep(30)") -> str:
 
 
 #: In the command line of the fork-server backend's zygote, which serves every execution.
-ZYGOTE = "/codemode/zygote.py"
+ZYGOTE = "/codemode/guest/zygote.py"
 
 
 def marked_tree(root: int, tag: str) -> list[ProcRef]:

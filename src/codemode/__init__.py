@@ -1,28 +1,63 @@
-"""Codemode: run LLM-written Python in a kernel sandbox against your application's tools."""
+"""Codemode: run LLM-written Python in a kernel sandbox against your application's tools.
 
-# First, before anything imports grpc: which I/O engine grpc runs on (see _grpc_io).
-import codemode._grpc_io  # noqa: F401
+The SDK's names are loaded on first use, so that the executor service, which imports
+``codemode.executor``, does not load the SDK.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+# First, before anything imports grpc: which I/O engine grpc runs on (see wire/grpc_io.py).
+import codemode.wire.grpc_io  # noqa: F401
 from codemode._version import __version__
-from codemode.config import ClientConfig
-from codemode.core import (
-    Codemode,
-    ComponentAlreadyExistsError,
-    ComponentNotFoundError,
-    ComponentRegistry,
-    ExecutionError,
-    ExecutionResult,
-    ExecutorAuthenticationError,
-    ExecutorClient,
-    ExecutorClientError,
-    ExecutorConnectionError,
-    ExecutorOverloadedError,
-    ExecutorRequestError,
-    ExecutorTimeoutError,
-    InvalidRequestError,
-    RuntimeContext,
-)
-from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
-from codemode.tools import tool
+
+if TYPE_CHECKING:
+    from codemode.config import ClientConfig
+    from codemode.core import (
+        Codemode,
+        ComponentAlreadyExistsError,
+        ComponentNotFoundError,
+        ComponentRegistry,
+        ExecutionError,
+        ExecutionResult,
+        ExecutorAuthenticationError,
+        ExecutorClient,
+        ExecutorClientError,
+        ExecutorConnectionError,
+        ExecutorOverloadedError,
+        ExecutorRequestError,
+        ExecutorTimeoutError,
+        InvalidRequestError,
+        RuntimeContext,
+    )
+    from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
+    from codemode.tools import tool
+
+#: Each exported name and the module it lives in.
+_EXPORTS = {
+    "ClientConfig": "codemode.config",
+    "Codemode": "codemode.core",
+    "ComponentAlreadyExistsError": "codemode.core",
+    "ComponentNotFoundError": "codemode.core",
+    "ComponentRegistry": "codemode.core",
+    "ExecutionError": "codemode.core",
+    "ExecutionResult": "codemode.core",
+    "ExecutorAuthenticationError": "codemode.core",
+    "ExecutorClient": "codemode.core",
+    "ExecutorClientError": "codemode.core",
+    "ExecutorConnectionError": "codemode.core",
+    "ExecutorOverloadedError": "codemode.core",
+    "ExecutorRequestError": "codemode.core",
+    "ExecutorTimeoutError": "codemode.core",
+    "InvalidRequestError": "codemode.core",
+    "OutputEvent": "codemode.core.results",
+    "ResultEvent": "codemode.core.results",
+    "RuntimeContext": "codemode.core",
+    "ToolCallEvent": "codemode.core.results",
+    "ToolResultEvent": "codemode.core.results",
+    "tool": "codemode.tools",
+}
 
 __all__ = [
     "ClientConfig",
@@ -48,3 +83,18 @@ __all__ = [
     "__version__",
     "tool",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codemode' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

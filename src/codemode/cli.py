@@ -14,8 +14,8 @@ from codemode.config import ClientConfig, ConfigError, ExecutorConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from codemode.executor.backends import IsolationUnavailable, make_backend
-    from codemode.executor.server import serve_forever
+    from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
+    from codemode.executor.service.server import serve_forever
     from codemode.logs import configure_logging
 
     try:
@@ -56,9 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
 async def _exec_embedded(code: str, timeout: float | None) -> Any:
     """Run ``code`` on an executor started in this process for the occasion."""
     from codemode.core.codemode import Codemode
-    from codemode.executor.backends import IsolationUnavailable, make_backend
-    from codemode.executor.sandbox import ProcessBackend
-    from codemode.executor.server import start_server
+    from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
+    from codemode.executor.sandbox.process import ProcessBackend
+    from codemode.executor.service.server import start_server
 
     key = secrets.token_urlsafe(24)
     server_config = ExecutorConfig.load(host="127.0.0.1", port=0, api_key=key)
@@ -119,7 +119,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from codemode.executor.hostcheck import check_host
+    from codemode.executor.sandbox.hostcheck import check_host
 
     checks = check_host()
     width = max(len(c.name) for c in checks)

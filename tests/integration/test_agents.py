@@ -65,7 +65,7 @@ async def test_uncaught_bad_argument_is_shaped_for_the_model(codemode: Codemode)
     text = format_result(result)
     assert text.startswith("error: TypeError: tools.add() missing required argument: 'b'")
     assert 'File "<codemode>", line 3' in text
-    assert "guest.py" not in text
+    assert "/guest/" not in text
     assert "stdout:\nbefore" in text
 
 

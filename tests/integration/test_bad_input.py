@@ -188,7 +188,7 @@ async def test_syntax_error_reports_type_and_line(codemode: Codemode) -> None:
     error = info.value
     assert error.error_type == "SyntaxError"
     assert "line 3" in (error.traceback or "")
-    assert "guest.py" not in (error.traceback or "")
+    assert "/guest/" not in (error.traceback or "")
 
 
 async def test_runtime_error_traceback_has_only_user_lines(codemode: Codemode) -> None:
@@ -199,7 +199,7 @@ async def test_runtime_error_traceback_has_only_user_lines(codemode: Codemode) -
     assert info.value.error_type == "ZeroDivisionError"
     assert "line 4, in <module>" in traceback
     assert "line 2, in f" in traceback
-    assert "guest.py" not in traceback
+    assert "/guest/" not in traceback
     assert "codemode" not in traceback.replace('"<codemode>"', "")
 
 

@@ -68,7 +68,7 @@ WATCHED_SYSCTLS = (
 ATTACK_MARKER = b"pwned"
 #: Host files bound read-only into every sandbox.
 RUNTIME_FILES = (
-    REPO_ROOT / "src/codemode/executor/guest.py",
+    REPO_ROOT / "src/codemode/executor/guest/runtime.py",
     Path(os.__file__),
     Path(sys.executable).resolve(),
     Path("/usr/bin/setpriv"),

@@ -708,20 +708,20 @@ async def test_big_file_over_rlimit_fsize(app: App, host: Host):
 
 
 async def test_read_only_root_and_runtime(app: App, host: Host):
-    """Writing the root, the Python runtime or guest.py must fail (host copies unchanged)."""
+    """Writing the root, the Python runtime or the guest must fail (host copies unchanged)."""
     code = program(
         """
         import os.path
         stdlib = os.path.dirname(os.__file__)
-        targets = ["/escape", "/codemode/guest.py", "/codemode/x", stdlib + "/os.py",
+        targets = ["/escape", "/codemode/guest/runtime.py", "/codemode/guest/x.py", "/codemode/x", stdlib + "/os.py",
                    stdlib + "/site-packages/evil.pth", sys.executable, "/usr/bin/setpriv",
                    "/dev/escape", "/proc/escape", "/root/.pyenv/escape"]
         def write(path):
             with open(path, "ab") as handle:
                 handle.write(b"pwned")
         out = {path: attempt(write, path) for path in targets}
-        out["chmod guest.py"] = attempt(os.chmod, "/codemode/guest.py", 0o777)
-        out["rename guest.py"] = attempt(os.rename, "/codemode/guest.py", "/tmp/g")
+        out["chmod runtime.py"] = attempt(os.chmod, "/codemode/guest/runtime.py", 0o777)
+        out["rename runtime.py"] = attempt(os.rename, "/codemode/guest/runtime.py", "/tmp/g")
         out["mknod"] = attempt(os.mknod, "/tmp/vda", 0o600 | 0o60000, os.makedev(254, 0))
         result = out
         """

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codemode.executor.bwrap import DEFAULT_UID_BASE, BwrapBackend
-from codemode.executor.forkserver import ForkServerBackend
-from codemode.executor.guest import Channel, encode_frame
+from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.host import DEFAULT_UID_BASE
+from codemode.executor.sandbox.forkserver import ForkServerBackend
+from codemode.executor.guest.protocol import Channel, encode_frame
 from codemode.executor.sandbox import GuestExit, GuestFds
 
 #: Either backend that runs guests in bubblewrap sandboxes on this host.

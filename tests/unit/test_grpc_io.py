@@ -1,4 +1,4 @@
-"""``codemode._grpc_io``: grpc's I/O engine chosen at ``import codemode``, unless the process chose.
+"""``codemode.wire.grpc_io``: grpc's I/O engine chosen at ``import codemode``, unless the process chose.
 
 Each case runs in a fresh interpreter: the choice is made once, when grpc is first imported.
 Which engine carried an RPC is read from grpc's own trace: the EventEngine endpoint
@@ -18,7 +18,7 @@ _RPC = """
 import asyncio, json, os, sys
 {first}
 import grpc, grpc.aio
-from codemode import _grpc_io
+from codemode.wire import grpc_io
 
 async def rpc():
     server = grpc.aio.server()
@@ -32,7 +32,7 @@ async def rpc():
     await server.stop(0)
 
 asyncio.run(rpc())
-print(json.dumps({{"applied": _grpc_io.APPLIED, "env": os.environ.get("GRPC_EXPERIMENTS")}}))
+print(json.dumps({{"applied": grpc_io.APPLIED, "env": os.environ.get("GRPC_EXPERIMENTS")}}))
 """
 
 

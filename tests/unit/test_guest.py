@@ -1,6 +1,6 @@
-"""The guest runtime (src/codemode/executor/guest.py) driven as the service drives it.
+"""The guest runtime (src/codemode/executor/guest/) driven as the service drives it.
 
-Each test starts ``guest.py`` in a subprocess with one end of a socketpair, speaks the framed
+Each test starts the guest folder in a subprocess with one end of a socketpair, speaks the framed
 protocol on the other end (``>II`` lengths, a JSON header, a payload), answers tool calls, and
 reads the outcome; stdout and stderr are plain pipes.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from codemode.executor.sandbox import guest_argv
+from codemode.executor.sandbox.process import guest_argv
 
 HEADER = struct.Struct(">II")
 
@@ -187,7 +187,7 @@ def test_syntax_error_reports_the_line() -> None:
     assert run.done["type"] == "SyntaxError"
     assert run.done["line"] == 2
     assert 'File "<codemode>", line 2' in run.done["traceback"]
-    assert "guest.py" not in run.done["traceback"]
+    assert "/guest/" not in run.done["traceback"]
 
 
 def reply_ok(value: Any) -> Callable[[list[dict[str, Any]]], list[tuple[dict[str, Any], bytes]]]:
@@ -235,7 +235,7 @@ def test_parallel_async_tool_calls_get_their_own_answers() -> None:
 
 
 #: How a program may call tools, as (program, calls answered together, expected result). The
-#: harness answers each batch in reverse order; see Relay in guest.py for who reads replies.
+#: harness answers each batch in reverse order; see Relay in guest/tools.py for who reads replies.
 RELAY_CASES: dict[str, tuple[str, int, Any]] = {
     # The caller reads each reply itself: no thread starts.
     "sequential sync calls": (
@@ -469,7 +469,7 @@ def test_warm_up_leaves_nothing_for_the_program() -> None:
     """The fork server's warm-up leaves no line-cache entry; a program's globals are fresh."""
     import linecache
 
-    from codemode.executor import guest
+    from codemode.executor.guest import runtime as guest
 
     linecache.cache.pop(guest.USER_FILENAME, None)
     guest.warm_up()
@@ -480,12 +480,12 @@ def test_warm_up_leaves_nothing_for_the_program() -> None:
 
 def test_guest_exits_by_itself_if_the_channel_stays_open(monkeypatch: pytest.MonkeyPatch) -> None:
     """Should the service neither kill the guest nor close the channel, it leaves on its own."""
-    from codemode.executor import guest
+    from codemode.executor.guest import protocol
 
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    monkeypatch.setattr(guest, "LINGER_MS", 50)
+    monkeypatch.setattr(protocol, "LINGER_MS", 50)
     try:
-        channel = guest.Channel(child.detach(), 1 << 20)
+        channel = protocol.Channel(child.detach(), 1 << 20)
         started = time.monotonic()
         channel.wait_closed()
         assert time.monotonic() - started < 5

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from codemode.executor.bwrap import BwrapBackend
-from codemode.executor.forkserver import ForkServerBackend
-from codemode.executor.sandbox import SandboxLimits
+from codemode.config import LimitsConfig
+from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.forkserver import ForkServerBackend
 from tests.unit.sandbox_harness import (
     FORKSERVER_UID_BASE,
     HostBackend,
@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the host-sandbox backends run as root"),
 ]
 
-LIMITS = SandboxLimits(memory_bytes=256 << 20, max_processes=32, tmpfs_bytes=8 << 20)
+LIMITS = LimitsConfig(memory_bytes=256 << 20, max_processes=32, tmpfs_bytes=8 << 20)
 
 
 @pytest.fixture(scope="module", params=["bwrap", "forkserver"])
@@ -90,7 +90,7 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
 async def test_root_fs_and_runtime_are_read_only(backend: HostBackend) -> None:
     code = writes_that_succeed(
         '["/x", "/usr/x", os.path.join(os.path.dirname(os.__file__), "x.py"),'
-        ' "/codemode/guest.py", "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]',
+        ' "/codemode/guest/runtime.py", "/codemode/guest/x.py", "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]',
         "a",
     )
     assert (await run(backend, code + "result = failures\n")).result == []

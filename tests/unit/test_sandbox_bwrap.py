@@ -13,9 +13,11 @@ import socket
 
 import pytest
 
-from codemode.executor.bwrap import DEFAULT_UID_BASE, BwrapBackend
-from codemode.executor.guest import encode_frame
-from codemode.executor.sandbox import GuestFds, SandboxLimits
+from codemode.config import LimitsConfig
+from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.host import DEFAULT_UID_BASE
+from codemode.executor.guest.protocol import encode_frame
+from codemode.executor.sandbox import GuestFds
 from tests.unit.sandbox_harness import processes_of, run
 
 pytestmark = [
@@ -26,7 +28,7 @@ pytestmark = [
 
 async def test_close_leaves_no_cgroup_or_process() -> None:
     # A uid range of its own: other tests' backends may have sandboxes waiting in their pools.
-    b = BwrapBackend(SandboxLimits(max_processes=16), uid_base=DEFAULT_UID_BASE + 100_000)
+    b = BwrapBackend(LimitsConfig(max_processes=16), uid_base=DEFAULT_UID_BASE + 100_000)
     await b.start()
     ours, theirs = socket.socketpair()
     out_r, out_w = os.pipe()

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from codemode.executor.bwrap import SandboxUnavailable
-from codemode.executor.forkserver import ForkServerBackend
-from codemode.executor.guest import encode_frame
-from codemode.executor.sandbox import GuestFds, SandboxLimits
+from codemode.config import LimitsConfig
+from codemode.executor.sandbox.runtime import SandboxUnavailable
+from codemode.executor.sandbox.forkserver import ForkServerBackend
+from codemode.executor.guest.protocol import encode_frame
+from codemode.executor.sandbox import GuestFds
 from tests.helpers import wait_until
 from tests.unit.sandbox_harness import FORKSERVER_UID_BASE as UID_BASE
 from tests.unit.sandbox_harness import processes_of, run, writes_that_succeed
@@ -36,7 +37,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 async def backend() -> AsyncIterator[ForkServerBackend]:
     b = ForkServerBackend(
-        SandboxLimits(memory_bytes=256 << 20, max_processes=32, tmpfs_bytes=8 << 20),
+        LimitsConfig(memory_bytes=256 << 20, max_processes=32, tmpfs_bytes=8 << 20),
         uid_base=UID_BASE,
     )
     await b.start()
@@ -205,7 +206,7 @@ def _group_empty(procs: str) -> bool:
 
 
 async def test_zygote_death_leaves_nothing_and_a_new_one_serves() -> None:
-    b = ForkServerBackend(SandboxLimits(max_processes=16), uid_base=UID_BASE + 10_000)
+    b = ForkServerBackend(LimitsConfig(max_processes=16), uid_base=UID_BASE + 10_000)
     await b.start()
     try:
         code = "import os, time\nfor _ in range(3):\n    os.fork()\ntime.sleep(600)\n"
@@ -238,7 +239,7 @@ async def test_zygote_that_cannot_start_is_reported() -> None:
 
 
 async def test_close_stops_the_zygote_and_leaves_nothing() -> None:
-    b = ForkServerBackend(SandboxLimits(max_processes=16), uid_base=UID_BASE + 30_000)
+    b = ForkServerBackend(LimitsConfig(max_processes=16), uid_base=UID_BASE + 30_000)
     await b.start()
     guest, sock, out_r = await _started(b, "import time; time.sleep(600)")
     await asyncio.sleep(0.3)
@@ -292,7 +293,7 @@ async def test_a_guest_s_mounts_are_all_private(backend: ForkServerBackend) -> N
 async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBackend) -> None:
     """The control protocol is fixed binary (zygote.MESSAGE): anything else is dropped, and the
     zygote goes on forking."""
-    from codemode.executor import zygote as protocol
+    from codemode.executor.guest import zygote as protocol
 
     zygote = backend._zygote
     assert zygote is not None
@@ -398,7 +399,7 @@ def test_after_a_raw_fork_random_is_reseeded() -> None:
     """If the zygote had imported random, _after_fork gives each child its own stream."""
     import random
 
-    from codemode.executor import zygote
+    from codemode.executor.guest import zygote
 
     state = random.getstate()
     zygote._after_fork()

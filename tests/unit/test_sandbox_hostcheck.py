@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from codemode.executor.hostcheck import Check, check_host, isolation_ready
+from codemode.executor.sandbox.hostcheck import Check, check_host, isolation_ready
 
 
 def test_check_host_is_fast_and_well_formed() -> None:

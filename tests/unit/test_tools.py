@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from codemode import ComponentRegistry, ExecutionResult, RuntimeContext, tool
 from codemode.core.registry import call_tool
-from codemode.executor import guest
+from codemode.executor.guest import tools as guest
 from codemode.tools import AsyncFunctionTool, FunctionTool, format_result, spec_for, truncate
 from codemode.tools.discovery import DESCRIBE_TOOL, SEARCH_TOOL, answer_discovery
 from codemode.tools.docstrings import parse_docstring

@@ -1,6 +1,6 @@
-"""The one interface every isolation backend implements, and the plain-process backend.
+"""The one interface every isolation backend implements.
 
-A backend starts the guest runtime (``codemode.executor.guest``) for one execution with three
+A backend starts the guest runtime (:mod:`codemode.executor.guest`) for one execution with three
 file descriptors already open in it: the framed channel to the service, and the write ends of
 the stdout and stderr pipes. It returns a :class:`GuestProcess` that can be waited on and
 killed (the whole process tree, idempotently). Limits that the guest runtime can apply to
@@ -11,16 +11,8 @@ host can enforce (namespaces, cgroups, seccomp).
 from __future__ import annotations
 
 import abc
-import asyncio
-import contextlib
-import os
-import signal
 import socket
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-
-GUEST_PATH = Path(__file__).with_name("guest.py")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,23 +32,6 @@ class GuestExit:
     signal: int | None = None
     memory_exceeded: bool = False
     pids_exceeded: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxLimits:
-    """Per-execution limits a backend enforces from the host (0 = not enforced there).
-
-    ``memory_bytes`` and ``max_processes`` are cgroup limits where the host has the controllers
-    (else rlimits); ``tmpfs_bytes`` bounds each of the private ``/tmp`` and ``/dev/shm``; the rest
-    are rlimit backstops under the guest, which lowers them further from its start frame.
-    """
-
-    memory_bytes: int = 512 << 20
-    max_processes: int = 64
-    tmpfs_bytes: int = 64 << 20
-    cpu_seconds: int = 0
-    max_file_bytes: int = 0
-    max_open_files: int = 0
 
 
 class GuestProcess(abc.ABC):
@@ -108,48 +83,3 @@ class SandboxBackend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Stop the backend and everything it started. Default: nothing."""
-
-
-def guest_argv(channel_fd: int) -> list[str]:
-    """Command line that runs the guest runtime on ``channel_fd`` with no site or user paths."""
-    return [sys.executable, "-I", "-S", "-B", str(GUEST_PATH), str(channel_fd)]
-
-
-class _PlainGuest(GuestProcess):
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
-
-    async def wait(self) -> GuestExit:
-        code = await self._proc.wait()
-        if code < 0:
-            return GuestExit(returncode=None, signal=-code)
-        return GuestExit(returncode=code)
-
-    def kill(self) -> None:
-        # The guest leads its own session, so its process group holds what it forked.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-
-
-class ProcessBackend(SandboxBackend):
-    """A plain child process per execution: no isolation beyond a clean environment.
-
-    Only for development and hosts without namespaces; ``codemode serve`` refuses it unless
-    the operator asks for ``--isolation=process``.
-    """
-
-    name = "process"
-    isolated = False
-
-    async def spawn(self, fds: GuestFds) -> GuestProcess:
-        proc = await asyncio.create_subprocess_exec(
-            *guest_argv(fds.channel),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=fds.stdout,
-            stderr=fds.stderr,
-            pass_fds=(fds.channel,),
-            start_new_session=True,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            cwd="/",
-        )
-        return _PlainGuest(proc)

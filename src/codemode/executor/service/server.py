@@ -14,13 +14,14 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from codemode import _grpc_io
 from codemode.config import ExecutorConfig
 from codemode.config._defaults import MAX_MESSAGE_BYTES
-from codemode.executor.execution import wait_reaped
+from codemode.executor.run.execution import wait_reaped
 from codemode.executor.sandbox import SandboxBackend
-from codemode.executor.service import AuthInterceptor, ExecutorServicer
+from codemode.executor.service.auth import AuthInterceptor
+from codemode.executor.service.servicer import ExecutorServicer
 from codemode.wire import codemode_pb2_grpc as pb_grpc
+from codemode.wire import grpc_io
 
 logger = logging.getLogger("codemode.executor")
 
@@ -101,7 +102,7 @@ async def serve_forever(
             "address": f"{config.host}:{running.port}",
             "isolation": backend.describe(),
             "auth": config.api_key is not None,
-            "grpc_io": "poller" if _grpc_io.APPLIED else "grpc's default",
+            "grpc_io": "poller" if grpc_io.APPLIED else "grpc's default",
         },
     )
     if callable(on_ready):

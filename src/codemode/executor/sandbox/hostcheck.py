@@ -17,7 +17,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from codemode.executor import cgroups, seccomp
+from codemode.config import LimitsConfig
+from codemode.executor.sandbox import cgroups, seccomp
+from codemode.executor.sandbox.bwrap import argv_head, sandbox_argv
+from codemode.executor.sandbox.host import DEFAULT_UID_BASE
+from codemode.executor.sandbox.runtime import RuntimeLayout, discover_runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,47 +155,25 @@ def _cgroup_checks() -> list[Check]:
 
 
 @functools.lru_cache(maxsize=1)
-def _layout() -> object:
-    from codemode.executor.bwrap import discover_runtime
-
+def _layout() -> RuntimeLayout:
     return discover_runtime()
 
 
 def _sandbox_probe(bwrap: str, *, with_seccomp: bool) -> list[Check]:
-    """Start one sandbox exactly as the backend does and look at it from inside."""
-    from codemode.executor.bwrap import DEFAULT_UID_BASE, BwrapBackend, RuntimeLayout
-
+    """Start one sandbox with the bwrap backend's own argv builders and look at it from inside."""
     try:
         layout = _layout()
     except Exception as exc:  # any failure to lay out the runtime is the finding
         return [Check("python runtime", False, str(exc), "install a full CPython >= 3.11")]
-    assert isinstance(layout, RuntimeLayout)
-    backend = BwrapBackend()
-    backend.layout = layout
-    argv = backend._build_argv_head(bwrap, layout)
     read_fd = None
     if with_seccomp:
         read_fd, write_fd = os.pipe()
         os.write(write_fd, seccomp.build_filter_bpf())
         os.close(write_fd)
-        argv += ["--seccomp", str(read_fd)]
-    argv += [
-        "--",
-        layout.setpriv,
-        f"--reuid={DEFAULT_UID_BASE}",
-        f"--regid={DEFAULT_UID_BASE}",
-        "--clear-groups",
-        "--no-new-privs",
-        "--bounding-set=-all",
-        "--inh-caps=-all",
-        "--",
-        layout.executable,
-        "-I",
-        "-S",
-        "-B",
-        "-c",
-        _PROBE,
-    ]
+    head = argv_head(bwrap, layout, LimitsConfig().tmpfs_bytes)
+    argv = sandbox_argv(
+        head, layout, DEFAULT_UID_BASE, ["-I", "-S", "-B", "-c", _PROBE], seccomp_fd=read_fd
+    )
     try:
         proc = subprocess.run(
             argv,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from codemode.config import ExecutorConfig
-from codemode.executor.sandbox import ProcessBackend, SandboxBackend
+from codemode.executor.sandbox.interface import SandboxBackend
+from codemode.executor.sandbox.process import ProcessBackend
 
 logger = logging.getLogger("codemode.executor")
 
@@ -31,8 +32,8 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
         logger.warning(PROCESS_WARNING)
         return ProcessBackend()
     try:
-        from codemode.executor.bwrap import BwrapBackend
-        from codemode.executor.hostcheck import check_host
+        from codemode.executor.sandbox.bwrap import BwrapBackend
+        from codemode.executor.sandbox.hostcheck import check_host
     except ImportError as exc:  # pragma: no cover - both ship with the package
         raise IsolationUnavailable(f"the bwrap backend cannot be loaded: {exc}") from None
     missing = [c for c in check_host() if c.required and not c.ok]
@@ -45,6 +46,6 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
         )
     if config.isolation == "bwrap":
         return BwrapBackend(limits=config.limits)
-    from codemode.executor.forkserver import ForkServerBackend
+    from codemode.executor.sandbox.forkserver import ForkServerBackend
 
     return ForkServerBackend(limits=config.limits)

@@ -1,7 +1,7 @@
 """The fork server's zygote: forks guests, each into fresh namespaces, as its own uid.
 
 Standard library only: it runs inside the bubblewrap sandbox of the fork-server backend
-(``python -I -S -B /codemode/zygote.py``) with site-packages hidden. It is started once, as
+(``python -I -S -B /codemode/guest/zygote.py``) with site-packages hidden. It is started once, as
 root in the initial user namespace with a few capabilities (``CAP_SYS_ADMIN`` for namespaces
 and mounts, ``CAP_SETUID``/``CAP_SETGID``, ``CAP_SETPCAP``, ``CAP_KILL``), in bwrap's read-only
 runtime file system with its own pid, net, ipc and uts namespaces. It has imported the guest
@@ -92,7 +92,7 @@ EXIT_NO_FDS = 70
 #: ~50 more pages per fork (measured: ~135 page faults per fork, ~87 without JSON).
 MESSAGE = struct.Struct("<cqq")
 
-#: The guest runtime (``/codemode/guest.py``), imported once by the zygote.
+#: The guest runtime (``/codemode/guest/runtime.py``), imported once by the zygote.
 _guest: Any = None
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
@@ -535,9 +535,10 @@ def _narrow_bounding_set() -> list[int]:
 def _prepare() -> None:
     """Import, ahead of every child, what the guest runtime and common programs need."""
     global _guest
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    # This folder is the package ``guest``: its parent goes on the path (``-I`` left it off).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     importlib.import_module("asyncio")  # a program that awaits should not pay its import
-    _guest = importlib.import_module("guest")
+    _guest = importlib.import_module("guest.runtime")
     _guest.prime()  # the request path specialised here, not again in every child
     # Everything imported so far is shared with every child, copy-on-write: keep the cyclic
     # collector's generations (and their writes) off those pages in the children.

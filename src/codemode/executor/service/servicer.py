@@ -1,118 +1,41 @@
-"""The gRPC side of the executor: authentication, admission, and the Execute stream.
+"""The Execute and Info RPCs: one stream per execution, relayed to :mod:`codemode.executor.run`.
 
-The servicer stays thin: it validates the first frame, takes an admission slot, and hands the
-execution to :func:`codemode.executor.execution.run_execution`, relaying tool calls to the
-client and their answers back. Refusals go out through ``context.abort``.
+The servicer stays thin: it validates the start frame into an ``ExecutionRequest``, takes an
+admission slot, and hands the execution to :func:`~codemode.executor.run.execution.run_execution`,
+relaying tool calls to the client and their answers back, then turns the ``RunOutcome`` into
+the wire's result. Refusals go out through ``context.abort``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
+import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from codemode._version import __version__
 from codemode.config import ExecutorConfig
-from codemode.core.errors import NOT_STARTED_TRAILER
-from codemode.executor.execution import decode_json_object, run_execution
+from codemode.executor.run.execution import run_execution
+from codemode.executor.run.outcome import ExecutionRequest, RunOutcome, Stream, ToolReply
 from codemode.executor.sandbox import SandboxBackend
+from codemode.executor.sandbox.factory import PROCESS_WARNING
+from codemode.executor.service.admission import Admission, Overloaded
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
+from codemode.wire.names import CORRELATION_ID, NOT_STARTED_TRAILER, ErrorType
 
 logger = logging.getLogger("codemode.executor")
 
 #: How long a client may take to send the start frame after opening the stream, seconds.
 START_FRAME_TIMEOUT_S = 10.0
-#: How long a refused call may take to deliver its first message, seconds.
-REJECT_READ_TIMEOUT_S = 1.0
-_UNAUTHENTICATED_PATHS_PREFIX = "/grpc.health.v1.Health/"
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Rejects every call without ``authorization: Bearer <key>`` before its handler runs.
-
-    The key is compared in constant time. Health checks are exempt so that load balancers and
-    Kubernetes probes, which cannot send headers, work; they reveal only serving status.
-    """
-
-    def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method.startswith(_UNAUTHENTICATED_PATHS_PREFIX):
-            return await continuation(handler_call_details)
-        presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(presented, self._expected):
-            return await continuation(handler_call_details)
-        logger.warning("rejected a call with a wrong or missing API key", extra={"method": method})
-        return _REJECT
-
-
-async def _reject(
-    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-) -> None:
-    # Take the first message before refusing: a refusal racing the client's first write makes
-    # grpc reset the stream, and the client then sees INTERNAL instead of UNAUTHENTICATED.
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(anext(aiter(requests)), REJECT_READ_TIMEOUT_S)
-    await context.abort(
-        grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)"
-    )
-
-
-_REJECT = grpc.stream_stream_rpc_method_handler(_reject)
-
-
-class Overloaded(Exception):
-    """No execution slot could be had."""
-
-
-class Admission:
-    """At most ``limit`` executions at once; up to ``max_queued`` more wait ``queue_timeout`` s."""
-
-    def __init__(self, limit: int, max_queued: int, queue_timeout: float) -> None:
-        self._slots = asyncio.Semaphore(limit)
-        self._max_queued = max_queued
-        self._queue_timeout = queue_timeout
-        self._waiting = 0
-        self.running = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body; raises :class:`Overloaded` when none can be had."""
-        if self._slots.locked():
-            if self._waiting >= self._max_queued:
-                raise Overloaded(f"{self.running} executions running and {self._waiting} queued")
-            self._waiting += 1
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self._queue_timeout)
-            except TimeoutError:
-                raise Overloaded(f"no execution slot within {self._queue_timeout:g}s") from None
-            finally:
-                self._waiting -= 1
-        else:
-            await self._slots.acquire()
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self._slots.release()
+_STREAMS = {"stdout": pb.Output.STDOUT, "stderr": pb.Output.STDERR}
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
@@ -130,30 +53,17 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.InfoResponse:
         """What this executor enforces: its sandbox, ceilings, and any warnings."""
-        from codemode._version import __version__
-        from codemode.executor.backends import PROCESS_WARNING
-
         warnings = []
         if not self._backend.isolated:
             warnings.append(PROCESS_WARNING)
         if self._config.api_key is None:
             warnings.append("insecure-no-auth: any caller that reaches the port can run code")
-        limits = self._config.limits
         return pb.InfoResponse(
             version=__version__,
             isolation=self._backend.name,
             isolated=self._backend.isolated,
             warnings=warnings,
-            limits=pb.Limits(
-                cpu_seconds=limits.cpu_seconds,
-                memory_bytes=limits.memory_bytes,
-                max_processes=limits.max_processes,
-                max_file_bytes=limits.max_file_bytes,
-                max_open_files=limits.max_open_files,
-                max_output_bytes=limits.max_output_bytes,
-                max_result_bytes=limits.max_result_bytes,
-                tmpfs_bytes=limits.tmpfs_bytes,
-            ),
+            limits=pb.Limits(**self._config.limits.model_dump()),
             max_execution_timeout_seconds=self._config.max_execution_timeout,
             max_concurrent_executions=self._config.max_concurrent_executions,
             running_executions=self._admission.running,
@@ -167,7 +77,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        cid = str(metadata.get("x-correlation-id") or uuid.uuid4().hex)[:128]
+        cid = str(metadata.get(CORRELATION_ID) or uuid.uuid4().hex)[:128]
         log = {"correlation_id": cid}
         frames = aiter(request_iterator)
         try:
@@ -183,7 +93,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             )
         start = first.start
         try:
-            request = self._validate(start)
+            request = self._validate(start, cid)
         except ValueError as exc:
             logger.info("refused a malformed request: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -194,7 +104,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         try:
             async with self._admission.slot():
                 logger.info("execution started", extra=log)
-                result = await self._run(request, frames, context, cid)
+                result = await self._run(request, frames, context)
         except Overloaded as exc:
             logger.warning("refused: executor overloaded (%s)", exc, extra=log)
             await _abort_not_started(
@@ -227,7 +137,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 },
             )
 
-    def _validate(self, start: pb.StartExecution) -> dict[str, Any]:
+    def _validate(self, start: pb.StartExecution, cid: str) -> ExecutionRequest:
         if len(start.code.encode()) > self._config.max_code_bytes:
             raise ValueError(
                 f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes"
@@ -245,22 +155,22 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         for name, value in requested.items():
             if value < 0:
                 raise ValueError(f"limit {name} must not be negative")
-        return {
-            "code": start.code,
-            "tools": names,
-            "config": decode_json_object(start.config_json, "config"),
-            "context": decode_json_object(start.context_json, "context"),
-            "timeout": min(timeout, self._config.max_execution_timeout),
-            "limits": self._config.limits.lowered(requested),
-            "stream_output": start.stream_output,
-        }
+        return ExecutionRequest(
+            code=start.code,
+            tools=tuple(names),
+            timeout=min(timeout, self._config.max_execution_timeout),
+            limits=self._config.limits.lowered(requested),
+            config=decode_json_object(start.config_json, "config"),
+            context=decode_json_object(start.context_json, "context"),
+            stream_output=start.stream_output,
+            correlation_id=cid,
+        )
 
     async def _run(
         self,
-        request: dict[str, Any],
+        request: ExecutionRequest,
         frames: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
-        cid: str,
     ) -> pb.ExecutionResult:
         pending: dict[str, asyncio.Future[pb.ToolResult]] = {}
         ids = itertools.count(1)
@@ -270,7 +180,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             async with write_lock:
                 await context.write(frame)
 
-        async def call_tool(tool: str, arguments: bytes) -> tuple[bool, bytes, str, str]:
+        async def call_tool(tool: str, arguments: bytes) -> ToolReply:
             call_id = str(next(ids))
             future = pending[call_id] = asyncio.get_running_loop().create_future()
             await write(
@@ -279,28 +189,22 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 )
             )
             answer = await future
-            return answer.ok, answer.value_json, answer.error_type, answer.error_message
+            return ToolReply(answer.ok, answer.value_json, answer.error_type, answer.error_message)
 
-        async def on_output(stream: int, data: bytes) -> None:
-            await write(pb.ServerFrame(output=pb.Output(stream=stream, data=data)))  # type: ignore[arg-type]
+        async def on_output(stream: Stream, data: bytes) -> None:
+            await write(pb.ServerFrame(output=pb.Output(stream=_STREAMS[stream], data=data)))
 
         execution = asyncio.create_task(
             run_execution(
-                backend=self._backend,
-                code=request["code"],
-                tools=request["tools"],
-                config=request["config"],
-                context=request["context"],
-                timeout=request["timeout"],
-                limits=request["limits"],
-                call_tool=call_tool,
-                on_output=on_output if request["stream_output"] else None,
-                correlation_id=cid,
+                self._backend,
+                request,
+                call_tool,
+                on_output if request.stream_output else None,
             )
         )
         reader = asyncio.create_task(_read_client(frames, pending, execution))
         try:
-            return await execution
+            return to_wire(await execution, request.correlation_id)
         except asyncio.CancelledError:
             if not reader.done() or reader.cancelled():
                 raise
@@ -308,9 +212,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 raise reader.exception() from None  # type: ignore[misc]
             if reader.result() == "cancel":
                 return pb.ExecutionResult(
-                    error_type="Cancelled",
+                    error_type=ErrorType.CANCELLED,
                     error_message="the application cancelled the execution",
-                    correlation_id=cid,
+                    correlation_id=request.correlation_id,
                 )
             raise
         finally:
@@ -318,6 +222,36 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             execution.cancel()
             with contextlib.suppress(BaseException):
                 await execution
+
+
+def to_wire(outcome: RunOutcome, correlation_id: str) -> pb.ExecutionResult:
+    """The wire's result for ``outcome``."""
+    return pb.ExecutionResult(
+        success=outcome.success,
+        result_json=outcome.result_json,
+        error_type=outcome.error_type,
+        error_message=outcome.error_message,
+        traceback=outcome.traceback,
+        stdout=outcome.stdout,
+        stderr=outcome.stderr,
+        duration_ms=outcome.duration_ms,
+        correlation_id=correlation_id,
+        tool_calls=outcome.tool_calls,
+        output_truncated=outcome.output_truncated,
+    )
+
+
+def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Decode a JSON object sent by the client; raises ``ValueError`` naming ``what``."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
 
 
 class _ClientProtocolError(Exception):

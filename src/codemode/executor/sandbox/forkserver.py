@@ -3,13 +3,14 @@
 Launch chain, once per backend (the service runs as root)::
 
     bwrap (root)          new pid/net/ipc/uts/mount/cgroup namespaces; the read-only runtime
-                          file system of the bwrap backend (plus /codemode/zygote.py); keeps only
-                          CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_SETPCAP and CAP_KILL
-      python -I -S -B /codemode/zygote.py CONTROL SECCOMP CONFIG
+                          file system of the bwrap backend (whose guest folder holds the
+                          zygote); keeps only CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID,
+                          CAP_SETPCAP and CAP_KILL
+      python -I -S -B /codemode/guest/zygote.py CONTROL SECCOMP CONFIG
                           pid 1 of its pid namespace; imports the guest runtime (and asyncio)
                           once, then forks on request
 
-Per guest, forked ahead of need (:mod:`codemode.executor.zygote` has the details): pid 1 of a
+Per guest, forked ahead of need (:mod:`codemode.executor.guest.zygote` has the details): pid 1 of a
 new pid namespace, own net/mount/ipc/uts namespaces, fresh size-bounded tmpfs ``/tmp`` and
 ``/dev/shm``, fresh ``/proc`` and ``/dev/pts``, rlimit backstops, its own non-root host uid (one
 per live guest) with every capability set empty, ``no_new_privs`` and the seccomp filter of the
@@ -44,37 +45,32 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Unpack
 
-from codemode.executor import cgroups
-from codemode.executor import zygote as zygote_protocol
-from codemode.executor.bwrap import (
-    _SANDBOX_SHM,
-    _SANDBOX_TMP,
+from codemode.config import LimitsConfig
+from codemode.executor.guest import zygote as zygote_protocol
+from codemode.executor.sandbox import cgroups
+from codemode.executor.sandbox.host import (
+    SANDBOX_SHM,
+    SANDBOX_TMP,
     BackendOptions,
-    LimitsLike,
-    SandboxUnavailable,
-    _bwrap_namespaces,
-    _bwrap_runtime,
-    _child_pidfd,
-    _guest_exit,
-    _HostGuest,
-    _HostSandboxBackend,
-    _pidfd_kill,
-    _start_bwrap,
+    HostGuest,
+    HostSandboxBackend,
+    bwrap_namespaces,
+    bwrap_runtime,
+    child_pidfd,
+    guest_exit,
+    pidfd_kill,
+    start_bwrap,
+    whole_seconds,
 )
-from codemode.executor.sandbox import (
-    GuestExit,
-    GuestFds,
-    GuestProcess,
-    ReadyGuest,
-)
+from codemode.executor.sandbox.interface import GuestExit, GuestFds, GuestProcess, ReadyGuest
+from codemode.executor.sandbox.runtime import GUEST_MOUNT, SandboxUnavailable
 
 logger = logging.getLogger("codemode.executor")
 
-ZYGOTE_PATH = Path(__file__).with_name("zygote.py")
-ZYGOTE_MOUNT = "/codemode/zygote.py"
+#: The zygote inside its sandbox: part of the guest folder every sandbox binds.
+ZYGOTE_MOUNT = f"{GUEST_MOUNT}/zygote.py"
 #: Guests forked ahead of need.
 DEFAULT_POOL_SIZE = 4
 #: Capabilities the zygote keeps (it needs no others to make and enter a guest's sandbox).
@@ -118,13 +114,13 @@ class _Zygote:
 
     def kill(self) -> None:
         if self.pidfd is not None:
-            _pidfd_kill(self.pidfd)
+            pidfd_kill(self.pidfd)
         elif self.proc.returncode is None:
             with contextlib.suppress(OSError):
                 self.proc.kill()  # bwrap; --die-with-parent takes the zygote along
 
 
-class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
+class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
     """Guests forked ahead from one sandboxed zygote, each in fresh namespaces as its own uid."""
 
     name = "forkserver"
@@ -135,7 +131,9 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
 
     default_pool_size = DEFAULT_POOL_SIZE
 
-    def __init__(self, limits: LimitsLike | None = None, **options: Unpack[BackendOptions]) -> None:
+    def __init__(
+        self, limits: LimitsConfig | None = None, **options: Unpack[BackendOptions]
+    ) -> None:
         super().__init__(limits, **options)
         self._next_id = 0
         self._zygote: _Zygote | None = None
@@ -156,16 +154,15 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         """The bwrap command line that starts the zygote."""
         layout = self.layout
         assert layout is not None
-        argv = [*_bwrap_namespaces(self._bwrap_path), "--cap-drop", "ALL"]
+        argv = [*bwrap_namespaces(self._bwrap_path), "--cap-drop", "ALL"]
         for cap in ZYGOTE_CAPS:
             argv += ["--cap-add", cap]
-        argv += _bwrap_runtime(layout)
-        argv += ["--ro-bind", str(ZYGOTE_PATH.resolve()), ZYGOTE_MOUNT]
+        argv += bwrap_runtime(layout)
         argv += ["--proc", "/proc", "--dev", "/dev"]
         # Mount points only: every guest mounts its own tmpfs over them.
-        argv += ["--perms", "0755", "--dir", _SANDBOX_TMP, "--perms", "0755", "--dir", _SANDBOX_SHM]
-        argv += ["--remount-ro", "/", "--chdir", _SANDBOX_TMP, "--info-fd", str(info_fd), "--"]
-        config = {"tmpfs_bytes": self.limits.tmpfs_bytes or 64 << 20, "rlimits": self._rlimits()}
+        argv += ["--perms", "0755", "--dir", SANDBOX_TMP, "--perms", "0755", "--dir", SANDBOX_SHM]
+        argv += ["--remount-ro", "/", "--chdir", SANDBOX_TMP, "--info-fd", str(info_fd), "--"]
+        config = {"tmpfs_bytes": self.limits.tmpfs_bytes, "rlimits": self._rlimits()}
         argv += [
             layout.executable,
             "-I",
@@ -183,7 +180,7 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
         limits = self.limits
         out: dict[str, int] = {}
         if limits.cpu_seconds > 0:
-            out["RLIMIT_CPU"] = limits.cpu_seconds + 1
+            out["RLIMIT_CPU"] = whole_seconds(limits.cpu_seconds) + 1
         if limits.max_file_bytes > 0:
             out["RLIMIT_FSIZE"] = limits.max_file_bytes
         if limits.max_open_files > 0:
@@ -216,7 +213,7 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
     async def _launch_zygote(self) -> _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc, info_r = await _start_bwrap(
+            proc, info_r = await start_bwrap(
                 lambda seccomp_fd, info_fd: self.zygote_argv(
                     theirs.fileno(), -1 if seccomp_fd is None else seccomp_fd, info_fd
                 ),
@@ -231,7 +228,7 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
             theirs.close()
         ours.setblocking(False)
         zygote = _Zygote(proc, ours)
-        zygote.pid, zygote.pidfd = await _child_pidfd(info_r, proc)
+        zygote.pid, zygote.pidfd = await child_pidfd(info_r, proc)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_zygote_message, zygote)
         zygote.gone = asyncio.ensure_future(self._supervise_zygote(zygote))
@@ -478,7 +475,7 @@ class ForkServerBackend(_HostSandboxBackend["_ForkGuest"]):
             await asyncio.gather(*waits, return_exceptions=True)
 
 
-class _ForkGuest(_HostGuest):
+class _ForkGuest(HostGuest):
     """One guest forked by the zygote: pool entry, then one execution."""
 
     def __init__(
@@ -630,7 +627,7 @@ class _ForkGuest(_HostGuest):
             return GuestExit(
                 None, signal=signal.SIGKILL, memory_exceeded=memory, pids_exceeded=pids
             )
-        return _guest_exit(os.waitstatus_to_exitcode(status), memory, pids)
+        return guest_exit(os.waitstatus_to_exitcode(status), memory, pids)
 
     async def _release_group(self) -> None:
         group, cg = self._group, self._backend._cgroups
@@ -652,6 +649,6 @@ class _ForkGuest(_HostGuest):
         if self._pidfd is not None:
             # pid 1 of its namespace: its death takes every process of the execution along.
             # One SIGKILL from outside its namespace cannot be blocked: it is sent once.
-            self._signalled = _pidfd_kill(self._pidfd)
+            self._signalled = pidfd_kill(self._pidfd)
             return
         self._zygote.send(b"K", self.ident)

@@ -1,0 +1,257 @@
+"""One execution on the service side: take a guest, relay its tool calls, collect its outcome.
+
+:func:`run_execution` is given an :class:`~.outcome.ExecutionRequest`, a ``call_tool``
+coroutine (which asks the application) and an optional ``on_output`` callback, and returns a
+:class:`~.outcome.RunOutcome`. Whatever happens (success, failure, a hit limit, cancellation)
+the guest's whole process tree is killed and every descriptor closed before it returns. This is
+where sessions and files will plug in: a guest kept between requests, files sent before the
+start frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from codemode.config import LimitsConfig
+from codemode.executor.guest.outcomes import ErrorType
+from codemode.executor.guest.protocol import ProtocolError, encode_frame
+from codemode.executor.run.outcome import (
+    ExecutionRequest,
+    LimitHit,
+    OutputSink,
+    RunOutcome,
+    Stream,
+    ToolCaller,
+    describe_exit,
+)
+from codemode.executor.run.output import OutputPipe, forward
+from codemode.executor.run.relay import GuestDone, GuestRelay
+from codemode.executor.sandbox import GuestFds, GuestProcess, SandboxBackend
+
+logger = logging.getLogger("codemode.executor")
+
+#: How long the outcome may trail the guest's exit before the exit is taken as its end, s.
+_DONE_AFTER_EXIT_S = 0.2
+
+
+#: Guests whose outcome is known, killed and being reaped off the request path.
+_REAPING: set[asyncio.Task[Any]] = set()
+
+
+def _reap_later(guest: GuestProcess, waiting: asyncio.Task[Any] | None) -> None:
+    """Wait for a killed guest in the background so its outcome need not wait for its exit.
+
+    ``waiting``: a task already waiting for it (the execution's), taken over if still running.
+    """
+    if waiting is None or waiting.done():
+        waiting = asyncio.get_running_loop().create_task(guest.wait())
+    _REAPING.add(waiting)
+    waiting.add_done_callback(_REAPING.discard)
+
+
+async def wait_reaped() -> None:
+    """Wait until every guest killed by finished executions has been reaped (for shutdown)."""
+    if _REAPING:
+        await asyncio.wait(set(_REAPING))
+
+
+@dataclass(slots=True)
+class _Attached:
+    """A guest with the service's ends of its channel and output pipes (owned here)."""
+
+    guest: GuestProcess
+    channel: socket.socket
+    stdout: int
+    stderr: int
+
+
+async def _attach(backend: SandboxBackend) -> _Attached:
+    """A guest from the backend: one set up ahead, or one started on descriptors made here."""
+    ready = await backend.acquire()
+    if ready is not None:
+        return _Attached(ready.process, ready.channel, ready.stdout, ready.stderr)
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        guest = await backend.spawn(GuestFds(child_sock.fileno(), out_w, err_w))
+    except BaseException:
+        parent_sock.close()
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        child_sock.close()
+        os.close(out_w)
+        os.close(err_w)
+    return _Attached(guest, parent_sock, out_r, err_r)
+
+
+@dataclass(slots=True)
+class _Watch:
+    """What one execution waits on: the first of these ends it."""
+
+    limit_hit: asyncio.Future[LimitHit]
+    outputs: list[OutputPipe] = field(default_factory=list)
+    queue: asyncio.Queue[tuple[Stream, bytes]] | None = None
+
+    def hit(self, error: LimitHit) -> None:
+        if not self.limit_hit.done():
+            self.limit_hit.set_result(error)
+
+
+async def run_execution(
+    backend: SandboxBackend,
+    request: ExecutionRequest,
+    call_tool: ToolCaller,
+    on_output: OutputSink | None = None,
+) -> RunOutcome:
+    """Run ``request`` in a fresh guest and return its outcome. Cancelling this kills the guest."""
+    started = time.perf_counter()
+    limits = request.limits
+    attached = await _attach(backend)
+    guest = attached.guest
+    watch = _Watch(asyncio.get_running_loop().create_future())
+    tasks: list[asyncio.Task[Any]] = []
+    exit_task: asyncio.Task[Any] | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=attached.channel, limit=1 << 20)
+        if on_output is not None:
+            watch.queue = asyncio.Queue()
+            tasks.append(asyncio.create_task(forward(watch.queue, on_output)))
+        budget = [limits.max_output_bytes]
+
+        def output_limit() -> None:
+            watch.hit(
+                LimitHit(
+                    ErrorType.OUTPUT_LIMIT,
+                    f"the program wrote more than {limits.max_output_bytes} bytes of output",
+                )
+            )
+
+        pipes: tuple[tuple[int, Stream], ...] = (
+            (attached.stdout, "stdout"),
+            (attached.stderr, "stderr"),
+        )
+        for fd, which in pipes:
+            watch.outputs.append(OutputPipe(fd, which, budget, output_limit, watch.queue))
+        attached.stdout = attached.stderr = -1  # owned by the outputs now
+        relay = GuestRelay(reader, writer, frozenset(request.tools), call_tool, limits)
+        relay_task = asyncio.create_task(relay.run())
+        exit_task = asyncio.create_task(guest.wait())
+        tasks.append(relay_task)
+        # The start frame goes last: the loop has nothing left to do once it has woken the
+        # guest, which the kernel may have placed on this very CPU.
+        writer.write(encode_frame(_start_header(request), request.code.encode()))
+        ended = await _first_end(writer, relay_task, exit_task, watch, request.timeout, limits)
+        relay.cancel_calls()
+        guest.kill()
+        if isinstance(ended, asyncio.IncompleteReadError | ConnectionError):
+            ended = describe_exit(await guest.wait(), limits)
+        # The guest flushed its streams before reporting: what it wrote is in the pipes now.
+        for output in watch.outputs:
+            output.read_available()
+        if watch.queue is not None:
+            await watch.queue.join()
+        if watch.limit_hit.done() and isinstance(ended, GuestDone):
+            # The outcome can overtake the output that broke the limit; the limit still wins.
+            ended = watch.limit_hit.result()
+        outcome = _outcome(ended, watch.outputs)
+        outcome.duration_ms = (time.perf_counter() - started) * 1000
+        outcome.tool_calls = relay.tool_calls
+        if not outcome.success and not isinstance(ended, GuestDone):
+            logger.info(
+                "execution ended by %s: %s",
+                outcome.error_type,
+                outcome.error_message,
+                extra={"correlation_id": request.correlation_id},
+            )
+        return outcome
+    finally:
+        for task in tasks:
+            task.cancel()
+        for output in watch.outputs:
+            output.close()
+        for fd in (attached.stdout, attached.stderr):
+            if fd >= 0:
+                os.close(fd)
+        if writer is not None:
+            writer.close()
+        else:
+            attached.channel.close()
+        guest.kill()
+        _reap_later(guest, exit_task)
+
+
+def _start_header(request: ExecutionRequest) -> dict[str, Any]:
+    return {
+        "t": "start",
+        "tools": list(request.tools),
+        "config": request.config,
+        "context": request.context,
+        "limits": request.limits.model_dump(),
+    }
+
+
+async def _first_end(
+    writer: asyncio.StreamWriter,
+    relay_task: asyncio.Task[GuestDone],
+    exit_task: asyncio.Task[Any],
+    watch: _Watch,
+    timeout: float,
+    limits: LimitsConfig,
+) -> GuestDone | BaseException:
+    """Send the start frame and wait for whatever ends the execution first."""
+    try:
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            waiting: list[asyncio.Future[Any]] = [relay_task, exit_task, watch.limit_hit]
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if relay_task in done:
+            return relay_task.exception() or relay_task.result()
+        if watch.limit_hit in done:
+            return watch.limit_hit.result()
+        # The guest exited; a done frame it wrote just before may still be in flight.
+        try:
+            return await asyncio.wait_for(asyncio.shield(relay_task), _DONE_AFTER_EXIT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return describe_exit(exit_task.result(), limits)
+        except (LimitHit, ProtocolError) as exc:
+            return exc
+    except TimeoutError:
+        return LimitHit(
+            ErrorType.TIMEOUT, f"the program ran longer than its {timeout:g} s time limit"
+        )
+
+
+def _outcome(ended: GuestDone | BaseException, outputs: list[OutputPipe]) -> RunOutcome:
+    outcome = RunOutcome(
+        stdout=outputs[0].data(),
+        stderr=outputs[1].data(),
+        output_truncated=any(o.truncated for o in outputs),
+    )
+    if isinstance(ended, GuestDone):
+        head = ended.header
+        if head.get("ok"):
+            outcome.success = True
+            outcome.result_json = ended.payload
+        else:
+            outcome.error_type = str(head.get("type") or "Error")
+            outcome.error_message = str(head.get("message") or "")
+            outcome.traceback = str(head.get("traceback") or "")
+    elif isinstance(ended, LimitHit):
+        outcome.error_type, outcome.error_message = ended.error_type, str(ended)
+    elif isinstance(ended, ProtocolError):
+        outcome.error_type = ErrorType.PROTOCOL_ERROR
+        outcome.error_message = f"the program broke the guest protocol: {ended}"
+    else:
+        outcome.error_type = ErrorType.CRASHED
+        outcome.error_message = f"the program ended abnormally: {ended!r}"
+    return outcome
