@@ -4,10 +4,8 @@ grpcio's C core reads the ``GRPC_EXPERIMENTS`` environment variable once, when `
 first imported. By default (grpcio 1.85 here) a channel's and a server's socket reads and
 writes run on EventEngine threads, and with ``grpc.aio`` each message is then handed between
 more threads on each side than on the older path, where the thread polling grpc.aio's
-completion queue does the socket I/O itself. Measured on one machine (2 vCPUs, eight runs of
-``bench/floor.py``, which measures both): one message each way on an open stream 133-184 us
-against 235-285 us, a whole call 521-736 us against 875-1,072 us, and 10-45% less CPU on each
-side.
+completion queue does the socket I/O itself, which costs a call markedly less time and CPU
+on each side (``bench/floor.py`` measures both engines; bench/README.md has the figures).
 
 So, unless the process says otherwise, ``import codemode`` imports ``grpc`` with the two
 EventEngine experiments that move client and server sockets onto those threads turned off.

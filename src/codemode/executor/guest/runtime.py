@@ -37,7 +37,7 @@ _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 _GUEST_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #: The signal module's C half: setting a handler through ``signal.signal`` converts to and
-#: from enums in Python, ~45 copy-on-write page faults (~130 us) the first time in a guest.
+#: from enums in Python, which the first time in a guest copies pages shared with the zygote.
 C_SIGNAL: Any = __import__("_signal")
 
 # Limits the guest applies to itself before the user's code runs (name -> rlimit).
@@ -235,10 +235,10 @@ def warm_up() -> None:
     A guest is forked from the fork server's zygote: the first run of each code path writes
     to pages shared copy-on-write with the zygote (reference counts, caches, the allocator's
     arenas). This parses a start frame, builds a program's namespace and encodes a result,
-    as a request does, while the guest waits in the pool: a request then takes ~100 fewer
-    page faults. Compiling and running a dummy program as well would save ~40 more, but cost
-    more CPU than they save (measured: 3-9% fewer executions/s at 16 in flight). Nothing of
-    it stays: the namespace is thrown away.
+    as a request does, while the guest waits in the pool, so the request does not pay those
+    faults. It stops short of compiling and running a dummy program, which costs more CPU
+    than it saves (``bench/pagefaults.py`` counts both). Nothing of it stays: the namespace
+    is thrown away.
     """
     frame = encode_frame(_WARM_UP_HEADER, b"result = 1")
     head_len, _ = FRAME_HEADER.unpack_from(frame)
@@ -254,9 +254,8 @@ def prime(rounds: int = 64) -> None:
     CPython 3.11 quickens a function after a few calls and then specialises its instructions,
     writing to the code object each time until it settles. In a forked guest every such write
     copies a page it shares with the zygote; made here first, they are made once, for all
-    guests. Measured (sequential ``2 + 2``, page faults of the zygote and its guests per
-    execution): ~600 without, ~560 with. Only fixed dummy requests run here; the program cache
-    entry they leave is removed.
+    guests. Only fixed dummy requests run here; the program cache entry they leave is
+    removed.
     """
     for _ in range(rounds):
         warm_up()

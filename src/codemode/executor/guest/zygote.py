@@ -37,6 +37,9 @@ included. Messages, each one datagram of :data:`MESSAGE` (kind, request id, valu
 zygote ``F`` (value: the uid) with the control socket and the cgroup.procs files, and ``K``;
 zygote to service ``S`` (id 0, value: its pid; the zygote is ready), ``X`` (value: a wait
 status) and ``E`` (value: an errno, then the error's text).
+
+One file, longer than the others: the child's steps above are one sequence whose order is the
+security argument, and the zygote runs it as a script before it has imported anything else.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ EXIT_SETUP_FAILED = 71
 EXIT_NO_FDS = 70
 #: One control message: kind (``F``, ``K``, ``S``, ``X`` or ``E``), request id, value; an
 #: ``E`` message's text follows. Fixed binary, not JSON: between two forks every page the
-#: zygote writes is copied (the children share it), and a JSON round trip in its loop wrote
-#: ~50 more pages per fork (measured: ~135 page faults per fork, ~87 without JSON).
+#: zygote writes is copied (the children share it), and a JSON round trip in its loop writes
+#: dozens of pages per fork.
 MESSAGE = struct.Struct("<cqq")
 
 #: The guest runtime (``/codemode/guest/runtime.py``), imported once by the zygote.
@@ -127,10 +130,9 @@ def _fork() -> int:
     runs the stdlib's at-fork hooks (``threading`` re-registers its threads, ``logging``
     re-creates its locks). That matters when other threads may hold those locks; the zygote
     has one thread and holds none. But run for the first time in each child, that Python code
-    writes to ~200 pages shared with the zygote: measured, a child starts with 250 page
-    faults and ~480 us of CPU after ``os.fork()``, 46 and ~80 us after libc's ``fork()``
-    (glibc still runs its own at-fork handlers) -- about 8 % of an execution's CPU. What does
-    matter for a guest is redone in :func:`_after_fork`: its own random stream.
+    writes to hundreds of pages shared with the zygote, a noticeable share of an execution's
+    CPU (glibc's own at-fork handlers still run). What does matter for a guest is redone in
+    :func:`_after_fork`: its own random stream.
     """
     if not _RAW_FORK:
         return os.fork()
@@ -207,8 +209,8 @@ class Config:
         self.seccomp_bpf = seccomp_bpf
         self._filter = ctypes.create_string_buffer(seccomp_bpf, len(seccomp_bpf))
         self.prog = _SockFilterProg(len(seccomp_bpf) // 8, ctypes.addressof(self._filter))
-        # Made once here rather than in every child (a ctypes array type costs ~50 page faults
-        # to build after a fork): capset's arguments, all sets empty.
+        # Made once here rather than in every child (building a ctypes array type after a fork
+        # copies dozens of pages): capset's arguments, all sets empty.
         self.cap_header = ctypes.pointer(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0))
         self.cap_data = (_CapData * 2)()
         #: Capabilities left in the zygote's bounding set: each child drops them.
@@ -337,8 +339,8 @@ def child_main(
             os.close(fd)
         _check(_libc.setns(netns, CLONE_NEWNET), "setns(CLONE_NEWNET)")
         signal.set_wakeup_fd(-1)
-        # The C function, not signal.signal: its enum wrapping costs ~45 page faults (~130 us)
-        # the first time in each child.
+        # The C function, not signal.signal: its enum wrapping copies pages shared with the
+        # zygote the first time in each child.
         _guest.C_SIGNAL.signal(_guest.C_SIGNAL.SIGCHLD, _guest.C_SIGNAL.SIG_DFL)
         _keep_only_control(control_fd, devnull)
         _fresh_mounts(config.tmpfs_bytes)
@@ -362,10 +364,11 @@ def child_main(
 class NetnsLease:
     """Empty network namespaces, each lent to one child at a time and taken back at its reaping.
 
-    Making a network namespace costs ~270 us in the child, and destroying one costs a kernel
-    worker about as much again plus an expedited RCU grace period (an IPI to every CPU), for
-    each execution. So a namespace outlives its child and is lent to a later one, never to
-    two at once. Nothing of the earlier child is left in it when it is lent again:
+    Making a network namespace costs the child a visible share of its start, and destroying
+    one costs a kernel worker about as much again plus an expedited RCU grace period (an IPI
+    to every CPU), for each execution. So a namespace outlives its child and is lent to a
+    later one, never to two at once. Nothing of the earlier child is left in it when it is
+    lent again:
 
     - it is taken back only when the zygote reaps the child, which is pid 1 of its own pid
       namespace; the kernel reaps every other process of that namespace before pid 1 can be
@@ -558,7 +561,7 @@ def main(argv: list[str]) -> None:
         bpf = b"".join(chunks)
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "PR_SET_NO_NEW_PRIVS")
     # Every mount private, once: each child's copy of the tree is then private too, without
-    # a walk of its ~60 mounts per child (~20 us measured).
+    # a walk of all its mounts per child.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     bounding_set = _narrow_bounding_set()
     _prepare()

@@ -352,7 +352,7 @@ class _BwrapGuest(HostGuest):
         return guest_exit(code, memory, pids)
 
     async def _remove_group(self) -> None:
-        """Remove the execution's cgroups, in a thread: a v1 memory rmdir takes ~10 ms."""
+        """Remove the execution's cgroups, in a thread: a v1 memory rmdir takes milliseconds."""
         group = self._group
         if group is None:
             return

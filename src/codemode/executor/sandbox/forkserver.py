@@ -30,6 +30,10 @@ The guest is pid 1 of its namespace, so :meth:`GuestProcess.kill` is one ``SIGKI
 its pidfd and takes every process of the execution along. The zygote reaps it and reports the
 wait status; by then the namespace is empty. The zygote is pid 1 of its own namespace: when it
 dies, the kernel kills every guest, and the backend starts a new zygote on the next request.
+
+One module, past the usual size: the backend, its zygote handle and its guest type hand the
+pool's guests between them through each other's state; split, each would import the others'
+private names.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ async def serve_forever(
     """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``."""
     running = await start_server(config, backend)
     # What start-up loaded lives as long as the service: keep the cyclic collector off it, or
-    # every full collection walks it all (~9 ms here), stalling whatever requests are running.
+    # every full collection walks it all, stalling whatever requests are running.
     gc.collect()
     gc.freeze()
     logger.info(
