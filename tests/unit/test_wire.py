@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from codemode.config import LimitsConfig
 from codemode.wire import codemode_pb2 as pb
 from tests.helpers import REPO_ROOT
 
@@ -40,3 +41,12 @@ def test_frames_round_trip_with_json_values() -> None:
     assert parsed.WhichOneof("frame") == "start"
     assert parsed.start.config_json == b'{"n":1}'
     assert parsed.start.timeout_seconds == 2.5
+
+
+def test_limits_message_has_the_fields_of_limits_config() -> None:
+    """`Limits` on the wire has exactly `LimitsConfig`'s fields, in order, doubles for floats."""
+    fields = pb.Limits.DESCRIPTOR.fields
+    assert [f.name for f in fields] == list(LimitsConfig.model_fields)
+    for f in fields:
+        is_float = LimitsConfig.model_fields[f.name].annotation is float
+        assert (f.cpp_type == f.CPPTYPE_DOUBLE) == is_float, f.name

@@ -12,6 +12,8 @@ EXECUTION_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 #: Client: the gRPC deadline sits this far above the execution timeout, seconds.
 DEADLINE_MARGIN_S = 5.0
+#: Client: a cancelled execution waits at most this long to tell the executor, seconds.
+CANCEL_NOTICE_S = 0.1
 #: Client: one tool call may take this long, seconds.
 TOOL_TIMEOUT_S = 30.0
 #: Client: attempts after the first one, for failures where nothing can have run.

@@ -8,11 +8,13 @@ from typing import Any, Self
 
 from codemode.config import ClientConfig
 from codemode.core._lifecycle import Closing
+from codemode.core._request import Request
 from codemode.core.context import ContextScope, RuntimeContext
 from codemode.core.errors import ExecutionError, ExecutorTimeoutError
 from codemode.core.executor_client import ExecutorClient, run_sync
 from codemode.core.registry import ComponentRegistry
 from codemode.core.results import ExecutionEvent, ExecutionResult
+from codemode.wire.names import ErrorType
 
 
 class Codemode(Closing):
@@ -98,9 +100,8 @@ class Codemode(Closing):
         context: RuntimeContext | Mapping[str, Any] | None = None,
     ) -> ExecutionResult:
         """Run ``code`` and return the full :class:`ExecutionResult`, failed or not."""
-        return await self.client.execute_async(
-            code, available_tools, config, execution_timeout, context
-        )
+        request = Request(code, available_tools, config, execution_timeout, context)
+        return await self.client._execute(request)
 
     async def execute_async(
         self,
@@ -117,14 +118,8 @@ class Codemode(Closing):
         :class:`ExecutorTimeoutError` when it runs out of time, and the connection and
         request errors of :mod:`codemode.core.errors`.
         """
-        result = await self.run_async(
-            code,
-            available_tools=available_tools,
-            config=config,
-            execution_timeout=execution_timeout,
-            context=context,
-        )
-        return unwrap(result)
+        request = Request(code, available_tools, config, execution_timeout, context)
+        return unwrap(await self.client._execute(request))
 
     def execute(
         self,
@@ -136,17 +131,8 @@ class Codemode(Closing):
         context: RuntimeContext | Mapping[str, Any] | None = None,
     ) -> str | None:
         """Blocking :meth:`execute_async`, for scripts and sync code (not inside a running loop)."""
-        if context is None:
-            context = self.registry.get_context()
-        return run_sync(
-            self.execute_async(
-                code,
-                available_tools=available_tools,
-                config=config,
-                execution_timeout=execution_timeout,
-                context=context,
-            )
-        )
+        request = Request(code, available_tools, config, execution_timeout, context)
+        return unwrap(run_sync(self.client._execute(request.in_caller_context())))
 
     def stream(
         self,
@@ -158,7 +144,9 @@ class Codemode(Closing):
         context: RuntimeContext | Mapping[str, Any] | None = None,
     ) -> AsyncIterator[ExecutionEvent]:
         """Run ``code``, yielding output, tool-call and result events as they happen."""
-        return self.client.stream(code, available_tools, config, execution_timeout, context)
+        return self.client._events(
+            Request(code, available_tools, config, execution_timeout, context, stream_output=True)
+        )
 
     async def health_check_async(self) -> bool:
         """Whether the executor answers its health check as serving."""
@@ -183,7 +171,7 @@ def unwrap(result: ExecutionResult) -> str | None:
     """The JSON result of a successful execution; raise the matching error otherwise."""
     if result.success:
         return result.result
-    if result.error_type == "Timeout":
+    if result.error_type == ErrorType.TIMEOUT:
         raise ExecutorTimeoutError(
             str(result.error), result=result, correlation_id=result.correlation_id
         )

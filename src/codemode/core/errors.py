@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+# Importable from here too, beside the errors whose retrying it decides.
+from codemode.wire.names import NOT_STARTED_TRAILER as NOT_STARTED_TRAILER
+
 if TYPE_CHECKING:
     from codemode.core.results import ExecutionResult
 
@@ -35,10 +38,6 @@ __all__ = [
     "InvalidRequestError",
     "error_from_rpc",
 ]
-
-#: Trailing metadata key by which the executor marks a refusal that happened before the
-#: program started (admission, shutdown), so that the client may safely retry it.
-NOT_STARTED_TRAILER = "x-codemode-not-started"
 
 
 class ExecutorClientError(Exception):

@@ -11,24 +11,26 @@ Errors are drawn in :mod:`codemode.core.errors` and re-exported here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import grpc
 import grpc.aio
 
 from codemode.config import ClientConfig
-from codemode.config._defaults import DEADLINE_MARGIN_S
+from codemode.config._defaults import CANCEL_NOTICE_S, DEADLINE_MARGIN_S
 from codemode.core._lifecycle import Closing
+from codemode.core._request import Request
 from codemode.core.channel import open_channel
 from codemode.core.context import RuntimeContext, current_context, current_correlation_id
 from codemode.core.errors import (
-    NOT_STARTED_TRAILER,
     ExecutionError,
     ExecutorAuthenticationError,
     ExecutorClientError,
@@ -51,6 +53,7 @@ from codemode.core.results import (
 from codemode.core.retry import RetryPolicy
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
+from codemode.wire.names import AUTHORIZATION, CORRELATION_ID, NOT_STARTED_TRAILER
 
 __all__ = [
     "ExecutionError",
@@ -113,9 +116,7 @@ class ExecutorClient(Closing):
             budget=self.config.timeout,
         )
         key = self.config.api_key_value()
-        self._auth: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {key}"),) if key else ()
-        )
+        self._auth: tuple[tuple[str, str], ...] = ((AUTHORIZATION, f"Bearer {key}"),) if key else ()
         self._channels: dict[asyncio.AbstractEventLoop, grpc.aio.Channel] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -223,22 +224,17 @@ class ExecutorClient(Closing):
         deadline passed without an outcome), :class:`ExecutorRequestError` subclasses, and
         ``asyncio.CancelledError`` when cancelled (the executor then kills the program).
         """
-        outcome: ExecutionResult | None = None
-        async for event in self.stream(
-            code,
-            available_tools,
-            config,
-            execution_timeout,
-            context,
-            correlation_id=correlation_id,
-            limits=limits,
-            stream_output=False,
-        ):
-            if isinstance(event, ResultEvent):
-                outcome = event.result
-        if outcome is None:  # the stream always ends with a result or raises
-            raise ExecutorClientError("executor closed the stream without a result")
-        return outcome
+        return await self._execute(
+            Request(
+                code,
+                available_tools,
+                config,
+                execution_timeout,
+                context,
+                correlation_id=correlation_id,
+                limits=limits,
+            )
+        )
 
     def execute(
         self,
@@ -247,16 +243,23 @@ class ExecutorClient(Closing):
         config: Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
-        **kwargs: Any,
+        *,
+        correlation_id: str | None = None,
+        limits: Mapping[str, float] | None = None,
     ) -> ExecutionResult:
         """Blocking :meth:`execute_async`; works with or without a running event loop."""
-        if context is None:
-            context = current_context.get()
-        return run_sync(
-            self.execute_async(code, available_tools, config, execution_timeout, context, **kwargs)
+        request = Request(
+            code,
+            available_tools,
+            config,
+            execution_timeout,
+            context,
+            correlation_id=correlation_id,
+            limits=limits,
         )
+        return run_sync(self._execute(request.in_caller_context()))
 
-    async def stream(
+    def stream(
         self,
         code: str,
         available_tools: Sequence[str] | None = None,
@@ -273,15 +276,37 @@ class ExecutorClient(Closing):
         Arguments and errors as :meth:`execute_async`. Retries (with backoff) only failures
         where nothing can have run; once the program may have started it is never re-run.
         """
-        cid = correlation_id or new_correlation_id()
-        start, ctx, tools = self._prepare(
-            code, available_tools, config, execution_timeout, context, limits, stream_output, cid
+        return self._events(
+            Request(
+                code,
+                available_tools,
+                config,
+                execution_timeout,
+                context,
+                correlation_id=correlation_id,
+                limits=limits,
+                stream_output=stream_output,
+            )
         )
-        timeout = start.timeout_seconds
+
+    async def _execute(self, request: Request) -> ExecutionResult:
+        """:meth:`execute_async` for a built request: the result of its event stream."""
+        outcome: ExecutionResult | None = None
+        async for event in self._events(request):
+            if isinstance(event, ResultEvent):
+                outcome = event.result
+        if outcome is None:  # the stream always ends with a result or raises
+            raise ExecutorClientError("executor closed the stream without a result")
+        return outcome
+
+    async def _events(self, request: Request) -> AsyncIterator[ExecutionEvent]:
+        """:meth:`stream` for a built request: attempts, with retries where nothing ran."""
+        prepared = self._prepare(request)
+        cid = prepared.correlation_id
         attempt, waited = 0, 0.0
         while True:
             try:
-                async for event in self._stream_once(start, ctx, tools, cid, timeout):
+                async for event in self._stream_once(prepared):
                     yield event
                 return
             except ExecutorClientError as exc:
@@ -298,17 +323,10 @@ class ExecutorClient(Closing):
                 await asyncio.sleep(delay)
                 attempt, waited = attempt + 1, waited + delay
 
-    def _prepare(
-        self,
-        code: str,
-        available_tools: Sequence[str] | None,
-        config: Mapping[str, Any] | None,
-        execution_timeout: float | None,
-        context: RuntimeContext | Mapping[str, Any] | None,
-        limits: Mapping[str, float] | None,
-        stream_output: bool,
-        cid: str,
-    ) -> tuple[pb.StartExecution, RuntimeContext, dict[str, Any]]:
+    def _prepare(self, request: Request) -> _Prepared:
+        """Check ``request`` and encode it; raises :class:`InvalidRequestError`."""
+        cid = request.correlation_id or new_correlation_id()
+        code = request.code
         if not isinstance(code, str):
             raise InvalidRequestError(
                 f"code must be a str, not {type(code).__name__}", correlation_id=cid
@@ -319,34 +337,37 @@ class ExecutorClient(Closing):
                 "(ClientConfig.max_code_length)",
                 correlation_id=cid,
             )
-        timeout = self.config.timeout if execution_timeout is None else float(execution_timeout)
+        timeout = (
+            self.config.timeout
+            if request.execution_timeout is None
+            else float(request.execution_timeout)
+        )
         if timeout <= 0:
             raise InvalidRequestError("execution_timeout must be positive", correlation_id=cid)
+        context = request.context
         if context is None:
             context = current_context.get() or RuntimeContext()
         elif not isinstance(context, RuntimeContext):
             context = RuntimeContext(variables=context)
         names = (
             self.registry.get_component_names()
-            if available_tools is None
-            else list(available_tools)
+            if request.available_tools is None
+            else list(request.available_tools)
         )
         tools: dict[str, Any] = {}
         specs = []
         for name in names:
-            if not self.registry.has_tool(name):
-                # Declared but not registered: the program sees it, calling it fails with this.
-                specs.append(pb.ToolSpec(name=name))
-                continue
-            tool = tools[name] = self.registry.get_tool(name)
-            specs.append(pb.ToolSpec(name=name, is_async=hasattr(tool, "run_async")))
+            # Declared but not registered: the program sees it, calling it fails in _ToolRelay.
+            if self.registry.has_tool(name):
+                tools[name] = self.registry.get_tool(name)
+            specs.append(pb.ToolSpec(name=name))
         if names:
             # tools.search / tools.describe, answered in _ToolRelay from this call's tools.
             from codemode.tools.discovery import DISCOVERY_TOOLS
 
             specs += [pb.ToolSpec(name=n) for n in DISCOVERY_TOOLS if n not in names]
         try:
-            config_json = json.dumps(dict(config or {}), separators=(",", ":")).encode()
+            config_json = json.dumps(dict(request.config or {}), separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(
                 f"config must be JSON-serialisable: {exc}", correlation_id=cid
@@ -357,32 +378,27 @@ class ExecutorClient(Closing):
             config_json=config_json,
             context_json=context.to_json(),
             timeout_seconds=timeout,
-            limits=pb.Limits(**_limit_fields(limits)),
-            stream_output=stream_output,
+            limits=pb.Limits(**_limit_fields(request.limits)),
+            stream_output=request.stream_output,
         )
-        return start, context.with_correlation_id(cid), tools
+        return _Prepared(start, context.with_correlation_id(cid), tools, cid)
 
-    async def _stream_once(
-        self,
-        start: pb.StartExecution,
-        context: RuntimeContext,
-        tools: Mapping[str, Any],
-        cid: str,
-        timeout: float,
-    ) -> AsyncIterator[ExecutionEvent]:
+    async def _stream_once(self, prepared: _Prepared) -> AsyncIterator[ExecutionEvent]:
+        """One attempt: open the stream, send the start frame, relay until the result."""
+        cid = prepared.correlation_id
         channel = self._channel()
         await self._wait_connected(channel, cid)
         call = pb_grpc.ExecutorStub(channel).Execute(
-            metadata=(*self._auth, ("x-correlation-id", cid)),
-            timeout=timeout + DEADLINE_MARGIN_S,
+            metadata=(*self._auth, (CORRELATION_ID, cid)),
+            timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
         )
-        relay = _ToolRelay(call, tools, context, cid, self.config.tool_timeout)
+        relay = _ToolRelay(call, prepared.tools, prepared.context, cid, self.config.tool_timeout)
         sent = False
         try:
-            await call.write(pb.ClientFrame(start=start))
+            await call.write(pb.ClientFrame(start=prepared.start))
             sent = True
             while True:
-                frame = await call.read()
+                frame = await _read(call)
                 if frame is grpc.aio.EOF:
                     raise ExecutorConnectionError(
                         "executor ended the stream without a result; the program may have run",
@@ -404,6 +420,13 @@ class ExecutorClient(Closing):
                     return
                 for event in relay.finished():
                     yield event
+        except asyncio.CancelledError:
+            if sent:
+                # Say so rather than just drop the stream: the executor can then tell the
+                # application's cancellation from a lost connection (it logs which), and
+                # whatever resumes executions after a failure must not re-run a cancelled one.
+                await relay.send_cancel(CANCEL_NOTICE_S)
+            raise
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc, cid, sent) from None
         finally:
@@ -425,8 +448,21 @@ class ExecutorClient(Closing):
             ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A checked request: its start frame, and what answering its tool calls needs."""
+
+    start: pb.StartExecution
+    context: RuntimeContext  # carrying the correlation id, for run_with_context tools
+    tools: Mapping[str, Any]
+    correlation_id: str
+
+
 class _ToolRelay:
-    """Answers the program's tool calls, each in its own task so that calls run in parallel."""
+    """Answers the program's tool calls, each in its own task so that calls run in parallel.
+
+    It owns the writes after the start frame, so that frames never interleave on the stream.
+    """
 
     def __init__(
         self,
@@ -468,6 +504,24 @@ class _ToolRelay:
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+    async def send_cancel(self, timeout: float) -> None:
+        """Write a ``Cancel`` frame; best effort, waiting at most ``timeout`` seconds.
+
+        Shielded, because grpc.aio cancels the whole call with a cancelled write: a second
+        cancellation of the caller must not take the frame with it. When the write fails or
+        takes longer, the caller goes on and cancels the call.
+        """
+        frame = pb.ClientFrame(cancel=pb.Cancel(reason="the application cancelled the execution"))
+
+        async def write() -> None:
+            async with self._write_lock:
+                await self._call.write(frame)
+
+        task = _in_background(write())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(task)
 
     async def _answer(
         self, call_id: str, name: str, args: list[Any], kwargs: dict[str, Any]
@@ -542,6 +596,16 @@ def _limit_fields(limits: Mapping[str, float] | None) -> dict[str, Any]:
     return out
 
 
+async def _read(call: Any) -> Any:
+    """``call.read()``, shielded from the caller's cancellation.
+
+    grpc.aio cancels the whole call when a pending read is cancelled; shielded, the call
+    outlives the cancelled caller long enough to send ``Cancel``. The read ends with the call.
+    """
+    read = _in_background(call.read())
+    return await asyncio.shield(read)
+
+
 def _tool_error(error_type: str, message: str) -> pb.ToolResult:
     return pb.ToolResult(ok=False, error_type=error_type, error_message=message)
 
@@ -588,7 +652,21 @@ def _close_elsewhere(loop: asyncio.AbstractEventLoop, channel: grpc.aio.Channel)
         loop.run_until_complete(channel.close())
 
 
-_BACKGROUND: set[asyncio.Task[None]] = set()
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task for ``coro``, kept alive until done; a failure nobody awaited is not logged."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_forget)
+    return task
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved, so that asyncio does not log it
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

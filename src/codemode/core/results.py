@@ -14,8 +14,9 @@ class ExecutionResult:
 
     ``result`` is the program's ``result`` JSON-encoded (``"4"`` for ``result = 2 + 2``), or
     None when it set none; ``value`` is the same decoded. On failure ``error_type`` names the
-    error (the exception's class, or a limit: ``Timeout``, ``MemoryLimit``, ``OutputLimit``,
-    ``ResultTooLarge`` …), ``error`` is its message and ``traceback`` has the user's own lines.
+    error (the exception's class, or one of :class:`codemode.wire.names.ErrorType`: ``Timeout``,
+    ``MemoryLimit``, ``OutputLimit`` …), ``error`` is its message and ``traceback`` has the
+    user's own lines.
     """
 
     success: bool

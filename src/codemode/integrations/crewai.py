@@ -9,15 +9,18 @@ inside a running event loop; ``_arun`` is native async. Needs ``pip install 'cod
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from codemode.core.codemode import Codemode
 from codemode.core.context import RuntimeContext
 from codemode.core.executor_client import run_sync
 from codemode.integrations._common import DEFAULT_NAME, CodeInput, Runner, tool_description
 from codemode.tools.feedback import DEFAULT_MAX_OUTPUT_CHARS
+
+if TYPE_CHECKING:
+    # Typing only: the facade imports this module (in as_crewai_tool), not the other way round.
+    from codemode.core.codemode import Codemode
 
 try:
     from crewai.tools import BaseTool

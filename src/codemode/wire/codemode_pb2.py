@@ -23,7 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63odemode.proto\x12\x0b\x63odemode.v1\"\r\n\x0bInfoRequest\"\xe1\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tisolation\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.codemode.v1.Limits\x12%\n\x1dmax_execution_timeout_seconds\x18\x06 \x01(\x01\x12!\n\x19max_concurrent_executions\x18\x07 \x01(\x05\x12\x1a\n\x12running_executions\x18\x08 \x01(\x05\"T\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08is_async\x18\x02 \x01(\x08\x12\x13\n\x0bschema_json\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xc3\x01\n\x06Limits\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x15\n\rmax_processes\x18\x03 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x04 \x01(\x03\x12\x16\n\x0emax_open_files\x18\x05 \x01(\x05\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_result_bytes\x18\x07 \x01(\x03\x12\x13\n\x0btmpfs_bytes\x18\x08 \x01(\x03\"\xc4\x01\n\x0eStartExecution\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.codemode.v1.ToolSpec\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontext_json\x18\x04 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.codemode.v1.Limits\x12\x15\n\rstream_output\x18\x07 \x01(\x08\"h\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nvalue_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9b\x01\n\x0b\x43lientFrame\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.codemode.v1.StartExecutionH\x00\x12.\n\x0btool_result\x18\x02 \x01(\x0b\x32\x17.codemode.v1.ToolResultH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codemode.v1.CancelH\x00\x42\x07\n\x05\x66rame\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\x0c\"d\n\x06Output\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.codemode.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"\xf0\x01\n\x0f\x45xecutionResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\x0c\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x12\n\ntool_calls\x18\n \x01(\x05\x12\x18\n\x10output_truncated\x18\x0b \x01(\x08\"\x99\x01\n\x0bServerFrame\x12*\n\ttool_call\x18\x01 \x01(\x0b\x32\x15.codemode.v1.ToolCallH\x00\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x13.codemode.v1.OutputH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.codemode.v1.ExecutionResultH\x00\x42\x07\n\x05\x66rame2\x8a\x01\n\x08\x45xecutor\x12\x41\n\x07\x45xecute\x12\x18.codemode.v1.ClientFrame\x1a\x18.codemode.v1.ServerFrame(\x01\x30\x01\x12;\n\x04Info\x12\x18.codemode.v1.InfoRequest\x1a\x19.codemode.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63odemode.proto\x12\x0b\x63odemode.v1\"\r\n\x0bInfoRequest\"\xe1\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tisolation\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.codemode.v1.Limits\x12%\n\x1dmax_execution_timeout_seconds\x18\x06 \x01(\x01\x12!\n\x19max_concurrent_executions\x18\x07 \x01(\x05\x12\x1a\n\x12running_executions\x18\x08 \x01(\x05\"N\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08is_asyncR\x0bschema_jsonR\x0b\x64\x65scription\"\xc3\x01\n\x06Limits\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x15\n\rmax_processes\x18\x03 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x04 \x01(\x03\x12\x16\n\x0emax_open_files\x18\x05 \x01(\x05\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_result_bytes\x18\x07 \x01(\x03\x12\x13\n\x0btmpfs_bytes\x18\x08 \x01(\x03\"\xc4\x01\n\x0eStartExecution\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.codemode.v1.ToolSpec\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontext_json\x18\x04 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.codemode.v1.Limits\x12\x15\n\rstream_output\x18\x07 \x01(\x08\"h\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nvalue_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9b\x01\n\x0b\x43lientFrame\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.codemode.v1.StartExecutionH\x00\x12.\n\x0btool_result\x18\x02 \x01(\x0b\x32\x17.codemode.v1.ToolResultH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codemode.v1.CancelH\x00\x42\x07\n\x05\x66rame\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\x0c\"d\n\x06Output\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.codemode.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"\xf0\x01\n\x0f\x45xecutionResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\x0c\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x12\n\ntool_calls\x18\n \x01(\x05\x12\x18\n\x10output_truncated\x18\x0b \x01(\x08\"\x99\x01\n\x0bServerFrame\x12*\n\ttool_call\x18\x01 \x01(\x0b\x32\x15.codemode.v1.ToolCallH\x00\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x13.codemode.v1.OutputH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.codemode.v1.ExecutionResultH\x00\x42\x07\n\x05\x66rame2\x8a\x01\n\x08\x45xecutor\x12\x41\n\x07\x45xecute\x12\x18.codemode.v1.ClientFrame\x1a\x18.codemode.v1.ServerFrame(\x01\x30\x01\x12;\n\x04Info\x12\x18.codemode.v1.InfoRequest\x1a\x19.codemode.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE']._serialized_start=47
   _globals['_INFORESPONSE']._serialized_end=272
   _globals['_TOOLSPEC']._serialized_start=274
-  _globals['_TOOLSPEC']._serialized_end=358
-  _globals['_LIMITS']._serialized_start=361
-  _globals['_LIMITS']._serialized_end=556
-  _globals['_STARTEXECUTION']._serialized_start=559
-  _globals['_STARTEXECUTION']._serialized_end=755
-  _globals['_TOOLRESULT']._serialized_start=757
-  _globals['_TOOLRESULT']._serialized_end=861
-  _globals['_CANCEL']._serialized_start=863
-  _globals['_CANCEL']._serialized_end=887
-  _globals['_CLIENTFRAME']._serialized_start=890
-  _globals['_CLIENTFRAME']._serialized_end=1045
-  _globals['_TOOLCALL']._serialized_start=1047
-  _globals['_TOOLCALL']._serialized_end=1112
-  _globals['_OUTPUT']._serialized_start=1114
-  _globals['_OUTPUT']._serialized_end=1214
-  _globals['_OUTPUT_STREAM']._serialized_start=1182
-  _globals['_OUTPUT_STREAM']._serialized_end=1214
-  _globals['_EXECUTIONRESULT']._serialized_start=1217
-  _globals['_EXECUTIONRESULT']._serialized_end=1457
-  _globals['_SERVERFRAME']._serialized_start=1460
-  _globals['_SERVERFRAME']._serialized_end=1613
-  _globals['_EXECUTOR']._serialized_start=1616
-  _globals['_EXECUTOR']._serialized_end=1754
+  _globals['_TOOLSPEC']._serialized_end=352
+  _globals['_LIMITS']._serialized_start=355
+  _globals['_LIMITS']._serialized_end=550
+  _globals['_STARTEXECUTION']._serialized_start=553
+  _globals['_STARTEXECUTION']._serialized_end=749
+  _globals['_TOOLRESULT']._serialized_start=751
+  _globals['_TOOLRESULT']._serialized_end=855
+  _globals['_CANCEL']._serialized_start=857
+  _globals['_CANCEL']._serialized_end=881
+  _globals['_CLIENTFRAME']._serialized_start=884
+  _globals['_CLIENTFRAME']._serialized_end=1039
+  _globals['_TOOLCALL']._serialized_start=1041
+  _globals['_TOOLCALL']._serialized_end=1106
+  _globals['_OUTPUT']._serialized_start=1108
+  _globals['_OUTPUT']._serialized_end=1208
+  _globals['_OUTPUT_STREAM']._serialized_start=1176
+  _globals['_OUTPUT_STREAM']._serialized_end=1208
+  _globals['_EXECUTIONRESULT']._serialized_start=1211
+  _globals['_EXECUTIONRESULT']._serialized_end=1451
+  _globals['_SERVERFRAME']._serialized_start=1454
+  _globals['_SERVERFRAME']._serialized_end=1607
+  _globals['_EXECUTOR']._serialized_start=1610
+  _globals['_EXECUTOR']._serialized_end=1748
 # @@protoc_insertion_point(module_scope)

@@ -88,30 +88,22 @@ Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
 
 @_typing.final
 class ToolSpec(_message.Message):
-    """A tool the program may call. Only declared tools are reachable from the sandbox."""
+    """A tool the program may call. Only declared tools are reachable from the sandbox.
+    The model reads the tools' stubs from the application, so the executor needs only the name.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    IS_ASYNC_FIELD_NUMBER: _builtins.int
-    SCHEMA_JSON_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    is_async: _builtins.bool
-    schema_json: _builtins.bytes
-    """JSON Schema of the arguments, as JSON bytes; empty when unknown."""
-    description: _builtins.str
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        is_async: _builtins.bool = ...,
-        schema_json: _builtins.bytes = ...,
-        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "is_async", b"is_async", "name", b"name", "schema_json", b"schema_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +232,10 @@ Global___ToolResult: _TypeAlias = ToolResult  # noqa: Y015
 
 @_typing.final
 class Cancel(_message.Message):
+    """Sent when the application cancels the execution: the executor stops the program and can
+    tell this from a lost connection.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
