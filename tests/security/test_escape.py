@@ -713,8 +713,9 @@ async def test_read_only_root_and_runtime(app: App, host: Host):
         """
         import os.path
         stdlib = os.path.dirname(os.__file__)
-        targets = ["/escape", "/codemode/guest/runtime.py", "/codemode/guest/x.py", "/codemode/x", stdlib + "/os.py",
-                   stdlib + "/site-packages/evil.pth", sys.executable, "/usr/bin/setpriv",
+        targets = ["/escape", "/codemode/guest/runtime.py", "/codemode/guest/x.py",
+                   "/codemode/x", stdlib + "/os.py", stdlib + "/site-packages/evil.pth",
+                   sys.executable, "/usr/bin/setpriv",
                    "/dev/escape", "/proc/escape", "/root/.pyenv/escape"]
         def write(path):
             with open(path, "ab") as handle:

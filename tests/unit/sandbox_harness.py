@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codemode.executor.sandbox.bwrap import BwrapBackend
-from codemode.executor.sandbox.host import DEFAULT_UID_BASE
-from codemode.executor.sandbox.forkserver import ForkServerBackend
 from codemode.executor.guest.protocol import Channel, encode_frame
 from codemode.executor.sandbox import GuestExit, GuestFds
+from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.forkserver import ForkServerBackend
+from codemode.executor.sandbox.host import DEFAULT_UID_BASE
 
 #: Either backend that runs guests in bubblewrap sandboxes on this host.
 HostBackend = BwrapBackend | ForkServerBackend

@@ -1,4 +1,5 @@
-"""``codemode.wire.grpc_io``: grpc's I/O engine chosen at ``import codemode``, unless the process chose.
+"""``codemode.wire.grpc_io``: grpc's I/O engine chosen at ``import codemode``, unless the
+process chose.
 
 Each case runs in a fresh interpreter: the choice is made once, when grpc is first imported.
 Which engine carried an RPC is read from grpc's own trace: the EventEngine endpoint

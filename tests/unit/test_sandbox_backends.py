@@ -90,7 +90,8 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
 async def test_root_fs_and_runtime_are_read_only(backend: HostBackend) -> None:
     code = writes_that_succeed(
         '["/x", "/usr/x", os.path.join(os.path.dirname(os.__file__), "x.py"),'
-        ' "/codemode/guest/runtime.py", "/codemode/guest/x.py", "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]',
+        ' "/codemode/guest/runtime.py", "/codemode/guest/x.py",'
+        ' "/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger"]',
         "a",
     )
     assert (await run(backend, code + "result = failures\n")).result == []

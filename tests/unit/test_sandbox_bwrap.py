@@ -14,10 +14,10 @@ import socket
 import pytest
 
 from codemode.config import LimitsConfig
-from codemode.executor.sandbox.bwrap import BwrapBackend
-from codemode.executor.sandbox.host import DEFAULT_UID_BASE
 from codemode.executor.guest.protocol import encode_frame
 from codemode.executor.sandbox import GuestFds
+from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.host import DEFAULT_UID_BASE
 from tests.unit.sandbox_harness import processes_of, run
 
 pytestmark = [

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from codemode.config import LimitsConfig
-from codemode.executor.sandbox.runtime import SandboxUnavailable
-from codemode.executor.sandbox.forkserver import ForkServerBackend
 from codemode.executor.guest.protocol import encode_frame
 from codemode.executor.sandbox import GuestFds
+from codemode.executor.sandbox.forkserver import ForkServerBackend
+from codemode.executor.sandbox.runtime import SandboxUnavailable
 from tests.helpers import wait_until
 from tests.unit.sandbox_harness import FORKSERVER_UID_BASE as UID_BASE
 from tests.unit.sandbox_harness import processes_of, run, writes_that_succeed
