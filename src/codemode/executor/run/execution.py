@@ -121,6 +121,7 @@ async def run_execution(
     tasks: list[asyncio.Task[Any]] = []
     exit_task: asyncio.Task[Any] | None = None
     writer: asyncio.StreamWriter | None = None
+    relay: GuestRelay | None = None
     try:
         reader, writer = await asyncio.open_unix_connection(sock=attached.channel, limit=1 << 20)
         if on_output is not None:
@@ -152,9 +153,9 @@ async def run_execution(
         writer.write(encode_frame(_start_header(request), request.code.encode()))
         ended = await _first_end(writer, relay_task, exit_task, watch, request.timeout, limits)
         relay.cancel_calls()
-        guest.kill()
         if isinstance(ended, asyncio.IncompleteReadError | ConnectionError):
-            ended = describe_exit(await guest.wait(), limits)
+            ended = await _channel_lost(guest, exit_task, limits)
+        guest.kill()
         # The guest flushed its streams before reporting: what it wrote is in the pipes now.
         for output in watch.outputs:
             output.read_available()
@@ -175,6 +176,8 @@ async def run_execution(
             )
         return outcome
     finally:
+        if relay is not None:
+            relay.cancel_calls()  # also when cancelled: no tool call outlives its execution
         for task in tasks:
             task.cancel()
         for output in watch.outputs:
@@ -210,8 +213,11 @@ async def _first_end(
 ) -> GuestDone | BaseException:
     """Send the start frame and wait for whatever ends the execution first."""
     try:
-        await writer.drain()
         async with asyncio.timeout(timeout):
+            try:
+                await writer.drain()
+            except ConnectionError as exc:  # the guest died before it read the frame
+                return exc
             waiting: list[asyncio.Future[Any]] = [relay_task, exit_task, watch.limit_hit]
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if relay_task in done:
@@ -229,6 +235,26 @@ async def _first_end(
         return LimitHit(
             ErrorType.TIMEOUT, f"the program ran longer than its {timeout:g} s time limit"
         )
+
+
+async def _channel_lost(
+    guest: GuestProcess, exit_task: asyncio.Task[Any], limits: LimitsConfig
+) -> LimitHit:
+    """Why the guest's channel closed before its outcome: how it died, or that it hung up.
+
+    A guest still alive a moment later closed the channel itself; the SIGKILL that ends it
+    then is the service's, not a limit's.
+    """
+    done, _ = await asyncio.wait({exit_task}, timeout=_DONE_AFTER_EXIT_S)
+    if not done:
+        guest.kill()
+        exit = await guest.wait()
+        if not (exit.memory_exceeded or exit.pids_exceeded):
+            return LimitHit(
+                ErrorType.CRASHED, "the program closed its channel to the service and was stopped"
+            )
+        return describe_exit(exit, limits)
+    return describe_exit(exit_task.result(), limits)
 
 
 def _outcome(ended: GuestDone | BaseException, outputs: list[OutputPipe]) -> RunOutcome:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -143,6 +144,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes"
             )
         timeout = start.timeout_seconds or self._config.default_execution_timeout
+        if not math.isfinite(timeout):
+            raise ValueError("timeout_seconds must be a finite number")
         if timeout < 0:
             raise ValueError("timeout_seconds must not be negative")
         names = [t.name for t in start.tools]
