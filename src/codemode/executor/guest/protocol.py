@@ -1,4 +1,4 @@
-"""The framed channel between the service and a guest, and the outcome names both sides use.
+"""The framed channel between the service and a guest.
 
 A frame is ``>II`` (header length, payload length), a JSON header, then raw payload bytes (JSON
 values or the source code). Service to guest: ``start`` (code, tool names, config, context,

@@ -237,8 +237,7 @@ def warm_up() -> None:
     arenas). This parses a start frame, builds a program's namespace and encodes a result,
     as a request does, while the guest waits in the pool, so the request does not pay those
     faults. It stops short of compiling and running a dummy program, which costs more CPU
-    than it saves (``bench/pagefaults.py`` counts both). Nothing of it stays: the namespace
-    is thrown away.
+    than it saves. Nothing of it stays: the namespace is thrown away.
     """
     frame = encode_frame(_WARM_UP_HEADER, b"result = 1")
     head_len, _ = FRAME_HEADER.unpack_from(frame)

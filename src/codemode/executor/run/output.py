@@ -12,8 +12,8 @@ from codemode.executor.run.outcome import OutputSink, Stream
 class OutputPipe:
     """One output pipe, read on the loop as data arrives; both pipes share one byte budget.
 
-    Reading is synchronous (``add_reader`` + ``os.read``), so :meth:`flush` can take what the
-    pipe holds at the moment the outcome arrives without waiting for the guest to die.
+    Reading is synchronous (``add_reader`` + ``os.read``), so :meth:`read_available` can take
+    what the pipe holds at the moment the outcome arrives without waiting for the guest to die.
     Chunks for streaming go to ``queue``; the limit is reported once through ``on_limit``.
     """
 
