@@ -15,6 +15,7 @@ from codemode.config import ClientConfig, ConfigError, ExecutorConfig
 
 def _serve(args: argparse.Namespace) -> int:
     from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
+    from codemode.executor.sandbox.runtime import SandboxUnavailable
     from codemode.executor.service.server import serve_forever
     from codemode.logs import configure_logging
 
@@ -28,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_concurrent_executions=args.max_concurrent,
             log_level=args.log_level,
             log_format=args.log_format,
+            sandbox_venv=args.sandbox_venv,
+            preload_modules=args.preload,
         )
     except ConfigError as exc:
         print(f"codemode serve: {exc}", file=sys.stderr)
@@ -49,7 +52,11 @@ def _serve(args: argparse.Namespace) -> int:
         where = config.host if config.host.startswith("unix:") else f"{config.host}:{port}"
         print(f"codemode serve: listening on {where}", flush=True)
 
-    asyncio.run(serve_forever(config, backend, on_ready=ready))
+    try:
+        asyncio.run(serve_forever(config, backend, on_ready=ready))
+    except SandboxUnavailable as exc:  # found at start: a bad sandbox venv, a failing preload
+        print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -92,6 +99,7 @@ async def _exec_remote(code: str, timeout: float | None) -> Any:
 
 def _exec(args: argparse.Namespace) -> int:
     from codemode.core.errors import ExecutorClientError
+    from codemode.executor.sandbox.runtime import SandboxUnavailable
 
     if args.command_code is not None:
         code = args.command_code
@@ -103,7 +111,7 @@ def _exec(args: argparse.Namespace) -> int:
     runner = _exec_remote if os.environ.get("CODEMODE_EXECUTOR_URL") else _exec_embedded
     try:
         result = asyncio.run(runner(code, args.timeout))
-    except (ExecutorClientError, ConfigError) as exc:
+    except (ExecutorClientError, ConfigError, SandboxUnavailable) as exc:
         print(f"codemode exec: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(result.stdout)
@@ -119,27 +127,62 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from codemode.executor.sandbox.hostcheck import check_host
+    from codemode.executor.sandbox.hostcheck import check_host, contents_checks, isolation_ready
 
+    try:
+        # Only the sandbox's settings are read: doctor serves nothing, so it needs no key.
+        config = ExecutorConfig.load(
+            args.config,
+            insecure_no_auth=True,
+            sandbox_venv=args.sandbox_venv,
+            preload_modules=args.preload,
+        )
+    except ConfigError as exc:
+        print(f"codemode doctor: {exc}", file=sys.stderr)
+        return 2
     checks = check_host()
+    venv = str(config.sandbox_venv) if config.sandbox_venv is not None else None
+    contents, packages = contents_checks(
+        venv, config.preload_modules, sandboxed=isolation_ready(checks)
+    )
+    checks += contents
     width = max(len(c.name) for c in checks)
     for check in checks:
         mark = "ok  " if check.ok else ("MISS" if check.required else "warn")
         print(f"[{mark}] {check.name:<{width}}  {check.detail}")
         if not check.ok and check.fix:
             print(f"       {'':<{width}}  fix: {check.fix}")
-    missing = [c for c in checks if c.required and not c.ok]
     print()
-    if missing:
+    if packages:
+        print("packages: " + ", ".join(f"{p.name} {p.version}" for p in packages))
+    if config.preload_modules:
+        print("preload:  " + ", ".join(config.preload_modules))
+    if not isolation_ready(checks[: len(checks) - len(contents)]):
         print(
             "isolation: NOT available; `codemode serve` refuses to start (or --isolation=process)"
         )
+        return 1
+    if any(c.required and not c.ok for c in contents):
+        print("sandbox contents: `codemode serve` refuses to start with these settings")
         return 1
     print(
         "isolation: available; `codemode serve` uses the fork server (--isolation=forkserver, "
         "the default) or one bwrap sandbox per execution (--isolation=bwrap)"
     )
     return 0
+
+
+def _add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sandbox-venv",
+        metavar="DIR",
+        help="virtualenv (made with the sandbox's Python) whose packages programs may import",
+    )
+    parser.add_argument(
+        "--preload",
+        metavar="MOD[,MOD...]",
+        help="modules imported once before guests are forked, e.g. pandas,numpy",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sandbox backend (default auto: forkserver, or refuse to start)",
     )
     serve.add_argument("--max-concurrent", type=int, help="executions running at once")
+    _add_sandbox_arguments(serve)
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.set_defaults(func=_serve)
@@ -172,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="execution timeout, seconds")
     run.set_defaults(func=_exec)
 
-    doctor = sub.add_parser("doctor", help="report what isolation this host enforces")
+    doctor = sub.add_parser(
+        "doctor",
+        help="report what isolation this host enforces, and what the sandbox can import",
+    )
+    doctor.add_argument("--config", help="YAML file of ExecutorConfig settings")
+    _add_sandbox_arguments(doctor)
     doctor.set_defaults(func=_doctor)
     return parser
 

@@ -255,8 +255,12 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
 
 
 @pytest.fixture(scope="session")
-def sec_server(host: Host, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """``codemode serve`` with the default isolation, small limits, a distinctive key and env."""
+def sec_server(
+    host: Host, tmp_path_factory: pytest.TempPathFactory, sandbox_venv: Path
+) -> Iterator[ServerProcess]:
+    """``codemode serve`` with the default isolation, small limits, a distinctive key and env,
+    and the test sandbox venv (numpy, pandas) with pandas preloaded: every attack runs with
+    third-party native code in the zygote and on ``sys.path``."""
     log_dir = tmp_path_factory.mktemp("security-serve")
     config = log_dir / "executor.yaml"
     lines = [
@@ -276,7 +280,14 @@ def sec_server(host: Host, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             server = start_server(
                 api_key=host.api_key,
                 isolation=os.environ.get("CODEMODE_TEST_SECURITY_ISOLATION", "auto"),
-                extra_args=["--config", str(config)],
+                extra_args=[
+                    "--config",
+                    str(config),
+                    "--sandbox-venv",
+                    str(sandbox_venv),
+                    "--preload",
+                    "pandas",
+                ],
                 log_dir=log_dir,
             )
         except Exception as exc:  # the reason is in the message (the server's stderr)

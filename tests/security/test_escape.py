@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from codemode import ExecutionResult, OutputEvent, ResultEvent
+from codemode.executor.sandbox.environment import guest_env
 from tests.helpers import ServerProcess
 from tests.security.conftest import (
     APP_CONTEXT,
@@ -178,6 +179,11 @@ async def test_reading_host_files(app: App, host: Host, sec_server: ServerProces
     }
     allowed = {"/proc/1/cmdline", "/proc/1/environ", "/proc/kallsyms"}  # the guest's own, and
     # kallsyms, which the kernel zeroes for unprivileged readers
+    passwd = readable.pop("/etc/passwd", None)
+    if passwd is not None:  # the sandbox's own, naming its uids: none of the host's accounts
+        lines = passwd[1].strip("'").split("\\n")[:-1]  # a repr, cut short: drop the last
+        names = {line.split(":")[0] for line in lines}
+        assert names <= {"root", "codemode", "nobody"}, f"host accounts listed: {names}"
     assert set(readable) <= allowed, f"host files readable: {readable}"
     listed = {p: out for p, out in outcomes.items() if p.startswith("list ") and out[0] == "ok"}
     assert "codemode-security-canary" not in json.dumps(listed), listed
@@ -253,7 +259,9 @@ async def test_environment_has_no_secret(app: App, host: Host):
     result = await app.run(code)
     no_leak(result, host, "CODEMODE_", "SECURITY_SUITE_SECRET")
     environ = report(result)[0]
-    assert set(environ) <= {"LANG", "PWD"}, f"unexpected environment: {environ}"
+    # What every guest is given (a home, a user name, one thread per numeric library), only.
+    environ.pop("PWD", None)
+    assert environ == {"LANG": "C.UTF-8", **guest_env()}, f"unexpected environment: {environ}"
 
 
 async def test_own_memory_scan_finds_no_secret(app: App, host: Host):
@@ -609,6 +617,7 @@ async def test_raise_rlimits(app: App, host: Host):
             inf = resource.RLIM_INFINITY
             out[name] = attempt(resource.setrlimit, which, (inf, inf))
             out["prlimit " + name] = attempt(resource.prlimit, 0, which, (inf, inf))
+        print(json.dumps(out), flush=True)
         try:
             x = bytearray(1 << 30)
             out["allocate 1 GiB"] = ["ok", len(x)]
@@ -618,7 +627,11 @@ async def test_raise_rlimits(app: App, host: Host):
         """
     )
     result = await app.run(code)
-    all_failed(report(result))
+    if result.success:  # the address-space cap refused the allocation inside the program
+        all_failed(report(result))
+    else:  # the memory cgroup ended it: what it tried before that all failed
+        expect_error(result, "MemoryLimit")
+        all_failed(json.loads(result.stdout.splitlines()[0]))
 
 
 async def test_blocked_sleep(app: App, host: Host):
@@ -1245,7 +1258,7 @@ async def test_persist_into_next_execution(app: App, host: Host):
             "env": None,
             "builtins": None,
             "module": "A B",
-            "tmp": [],
+            "tmp": [".home"],  # the execution's own fresh home, nothing else
             "shm": [],
         }, got
 

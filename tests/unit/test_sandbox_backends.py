@@ -15,6 +15,7 @@ import pytest
 
 from codemode.config import LimitsConfig
 from codemode.executor.sandbox.bwrap import BwrapBackend
+from codemode.executor.sandbox.environment import guest_env
 from codemode.executor.sandbox.forkserver import ForkServerBackend
 from tests.unit.sandbox_harness import (
     FORKSERVER_UID_BASE,
@@ -59,8 +60,8 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
         import os
         seen = {}
         site = os.path.join(os.path.dirname(os.__file__), "site-packages", "pip")
-        for path in ["/root/.bashrc", "/etc/shadow", "/etc/passwd", "/home", "/work",
-                     "/etc", "/var", "/sys/kernel", site]:
+        for path in ["/root/.bashrc", "/etc/shadow", "/etc/hostname", "/home/root", "/work",
+                     "/var", "/sys/kernel", site]:
             try:
                 if os.path.isdir(path):
                     os.listdir(path)
@@ -69,7 +70,9 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
                 seen[path] = "readable"
             except OSError as exc:
                 seen[path] = type(exc).__name__
-        result = {"seen": seen, "root": sorted(os.listdir("/"))}
+        users = {line.split(":")[0] for line in open("/etc/passwd")}
+        result = {"seen": seen, "root": sorted(os.listdir("/")), "etc": sorted(os.listdir("/etc")),
+                  "home": os.listdir("/home"), "users": sorted(users)}
         """
     )
     out = await run(backend, code)
@@ -78,13 +81,21 @@ async def test_host_files_are_not_there(backend: HostBackend) -> None:
     assert set(out.result["root"]) <= {
         "codemode",
         "dev",
+        "etc",
+        "home",
+        "input",
         "lib",
         "lib64",
+        "output",
         "proc",
         "root",
         "tmp",
         "usr",
     }
+    # Only what the sandbox generates: its own passwd and group, the home link.
+    assert out.result["etc"] == ["group", "passwd"]
+    assert out.result["home"] == ["codemode"]
+    assert out.result["users"] == ["codemode", "nobody", "root"]
 
 
 async def test_root_fs_and_runtime_are_read_only(backend: HostBackend) -> None:
@@ -149,7 +160,7 @@ async def test_clean_environment_and_identity(backend: HostBackend) -> None:
         out = (await run(backend, code)).result
     finally:
         del os.environ["CODEMODE_TEST_SECRET"]
-    assert out["env"] == {"LANG": "C.UTF-8", "PWD": "/tmp"}
+    assert out["env"] == {"LANG": "C.UTF-8", "PWD": "/tmp", **guest_env()}
     assert out["uid"] >= backend.uid_base
     assert out["gid"] == out["uid"]
     assert out["groups"] == []
@@ -195,11 +206,16 @@ async def test_seccomp_denies_kernel_surface(backend: HostBackend) -> None:
 async def test_tmp_is_private_to_each_execution(backend: HostBackend) -> None:
     first = await run(
         backend,
-        "open('/tmp/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x'); result = 1",
+        "import os; open('/tmp/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x')\n"
+        "open(os.path.expanduser('~/left'), 'w').write('x'); result = 1",
     )
     assert first.result == 1
-    second = await run(backend, "import os; result = os.listdir('/tmp') + os.listdir('/dev/shm')")
-    assert second.result == []
+    second = await run(
+        backend,
+        "import os\n"
+        "result = [os.listdir('/tmp'), os.listdir('/dev/shm'), os.listdir('/tmp/.home')]",
+    )
+    assert second.result == [[".home"], [], []]  # a fresh, empty home of its own
 
 
 async def test_tmpfs_is_size_bounded(backend: HostBackend) -> None:

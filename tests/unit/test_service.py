@@ -251,12 +251,16 @@ def test_to_wire_copies_every_outcome_field() -> None:
         output_truncated=True,
         duration_ms=12.5,
         tool_calls=3,
+        files=[("report.csv", b"a,b\n")],
     )
     defaults = RunOutcome()
     wire = to_wire(outcome, "cid-9")
     for field in dataclasses.fields(RunOutcome):
         value = getattr(outcome, field.name)
         assert value != getattr(defaults, field.name), f"pick a non-default {field.name}"
+        if field.name == "files":  # the result lists them; their bytes go ahead as chunks
+            assert [(f.name, f.size) for f in wire.files] == [("report.csv", 4)]
+            continue
         assert getattr(wire, field.name) == value, field.name
     assert wire.correlation_id == "cid-9"
 

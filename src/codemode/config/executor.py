@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import (
-    SettingsConfigDict,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from codemode.config import _defaults as d
 from codemode.config._yaml import ConfigError, YamlSettings, with_yaml_file
 from codemode.config.client import _describe
 
 __all__ = ["ExecutorConfig", "LimitsConfig"]
+
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class LimitsConfig(BaseModel):
@@ -30,6 +40,8 @@ class LimitsConfig(BaseModel):
     max_output_bytes: int = Field(default=d.MAX_OUTPUT_BYTES, ge=1024)
     max_result_bytes: int = Field(default=d.MAX_RESULT_BYTES, ge=1024)
     tmpfs_bytes: int = Field(default=d.TMPFS_BYTES, ge=1024 * 1024)
+    max_input_bytes: int = Field(default=d.MAX_INPUT_BYTES, ge=0)
+    max_output_files_bytes: int = Field(default=d.MAX_OUTPUT_FILES_BYTES, ge=0)
 
     def lowered(self, requested: dict[str, float]) -> LimitsConfig:
         """These limits, with each positive requested value taken where it is lower."""
@@ -70,6 +82,21 @@ class ExecutorConfig(YamlSettings):
     max_execution_timeout: float = Field(default=d.MAX_EXECUTION_TIMEOUT_S, gt=0)
     max_code_bytes: int = Field(default=4 * d.MAX_CODE_LENGTH, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sandbox_venv: Path | None = Field(
+        default=None,
+        description="A virtualenv made with the sandbox's Python whose site-packages every "
+        "sandbox may import (bound read-only; nothing else of it is visible).",
+    )
+    preload_modules: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Modules the sandbox imports once, before it forks guests "
+        "(environment: a comma-separated list).",
+    )
+    sandbox_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables every guest gets, over the defaults (HOME, USER, "
+        "LOGNAME, and OPENBLAS_NUM_THREADS, OMP_NUM_THREADS … set to 1).",
+    )
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = Field(
@@ -77,6 +104,26 @@ class ExecutorConfig(YamlSettings):
     )
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("preload_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            value = tuple(str(v).strip() for v in value if str(v).strip())
+            for name in value:
+                if not _MODULE.match(name):
+                    raise ValueError(f"{name!r} is not a module name")
+        return value
+
+    @field_validator("sandbox_env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _ENV_NAME.match(name) or "\0" in text:
+                raise ValueError(f"{name!r} cannot be set in the sandbox's environment")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -29,6 +29,7 @@ class Request:
     context: RuntimeContext | Mapping[str, Any] | None = None
     correlation_id: str | None = None
     limits: Mapping[str, float] | None = None
+    files: Mapping[str, bytes] | None = None
     stream_output: bool = False
 
     def in_caller_context(self) -> Request:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -61,14 +61,23 @@ class Codemode(Closing):
 
     # What the model sees ------------------------------------------------------------------
 
-    def describe_tools(self, names: Sequence[str] | None = None, *, preamble: bool = True) -> str:
+    def describe_tools(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        preamble: bool = True,
+        packages: Iterable[str] | None = None,
+    ) -> str:
         """The registered tools (or ``names``) as Python stubs, after a preamble on calling them.
 
+        ``packages``: names of what the sandbox can import, for one line telling the model;
+        the executor lists them in ``info_async()["packages"]``, e.g.
+        ``packages=[p["name"] for p in (await codemode.client.info_async())["packages"]]``.
         Deterministic: put it in the model's prompt. See :mod:`codemode.tools.stubs`.
         """
         from codemode.tools.stubs import describe_tools
 
-        return describe_tools(self.registry.tools(), names, preamble=preamble)
+        return describe_tools(self.registry.tools(), names, preamble=preamble, packages=packages)
 
     def as_crewai_tool(self, **options: Any) -> Any:
         """This Codemode as a ``crewai.tools.BaseTool`` (needs ``pip install 'codemode[crewai]'``).
@@ -98,9 +107,14 @@ class Codemode(Closing):
         config: Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecutionResult:
-        """Run ``code`` and return the full :class:`ExecutionResult`, failed or not."""
-        request = Request(code, available_tools, config, execution_timeout, context)
+        """Run ``code`` and return the full :class:`ExecutionResult`, failed or not.
+
+        ``files`` (name to bytes) are placed read-only under ``/input`` before the program
+        starts; what it leaves in ``/output`` comes back as ``ExecutionResult.files``.
+        """
+        request = Request(code, available_tools, config, execution_timeout, context, files=files)
         return await self.client._execute(request)
 
     async def execute_async(
@@ -111,14 +125,16 @@ class Codemode(Closing):
         config: Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> str | None:
         """Run ``code`` and return its ``result`` JSON-encoded (``"4"``), or None if unset.
 
-        Raises :class:`ExecutionError` when the program fails (``.result`` has the details),
+        ``files`` as :meth:`run_async` (use that to get the output files back). Raises
+        :class:`ExecutionError` when the program fails (``.result`` has the details),
         :class:`ExecutorTimeoutError` when it runs out of time, and the connection and
         request errors of :mod:`codemode.core.errors`.
         """
-        request = Request(code, available_tools, config, execution_timeout, context)
+        request = Request(code, available_tools, config, execution_timeout, context, files=files)
         return unwrap(await self.client._execute(request))
 
     def execute(
@@ -129,9 +145,10 @@ class Codemode(Closing):
         config: Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> str | None:
         """Blocking :meth:`execute_async`, for scripts and sync code (not inside a running loop)."""
-        request = Request(code, available_tools, config, execution_timeout, context)
+        request = Request(code, available_tools, config, execution_timeout, context, files=files)
         return unwrap(run_sync(self.client._execute(request.in_caller_context())))
 
     def stream(
@@ -142,10 +159,19 @@ class Codemode(Closing):
         config: Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> AsyncIterator[ExecutionEvent]:
         """Run ``code``, yielding output, tool-call and result events as they happen."""
         return self.client._events(
-            Request(code, available_tools, config, execution_timeout, context, stream_output=True)
+            Request(
+                code,
+                available_tools,
+                config,
+                execution_timeout,
+                context,
+                files=files,
+                stream_output=True,
+            )
         )
 
     async def health_check_async(self) -> bool:

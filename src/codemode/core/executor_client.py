@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -25,7 +25,7 @@ import grpc
 import grpc.aio
 
 from codemode.config import ClientConfig
-from codemode.config._defaults import CANCEL_NOTICE_S, DEADLINE_MARGIN_S
+from codemode.config._defaults import CANCEL_NOTICE_S, DEADLINE_MARGIN_S, FILE_CHUNK_BYTES
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
 from codemode.core.channel import open_channel
@@ -53,7 +53,13 @@ from codemode.core.results import (
 from codemode.core.retry import RetryPolicy
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
-from codemode.wire.names import AUTHORIZATION, CORRELATION_ID, NOT_STARTED_TRAILER
+from codemode.wire.names import (
+    AUTHORIZATION,
+    CORRELATION_ID,
+    MAX_INPUT_FILES,
+    NOT_STARTED_TRAILER,
+    file_name_problem,
+)
 
 __all__ = [
     "ExecutionError",
@@ -182,7 +188,9 @@ class ExecutorClient(Closing):
 
     async def info_async(self) -> dict[str, Any]:
         """The executor's details: version, ``isolation`` backend, ``isolated``, ``warnings``,
-        ``limits`` and concurrency. Raises the errors of :mod:`codemode.core.errors`."""
+        ``limits``, concurrency, and what programs can import: ``packages`` (the sandbox
+        venv's, as ``{"name", "version"}``) and ``preload_modules``. Raises the errors of
+        :mod:`codemode.core.errors`."""
         try:
             reply = await pb_grpc.ExecutorStub(self._channel()).Info(
                 pb.InfoRequest(), timeout=self.config.connect_timeout, metadata=self._auth
@@ -198,6 +206,8 @@ class ExecutorClient(Closing):
             "max_execution_timeout_seconds": reply.max_execution_timeout_seconds,
             "max_concurrent_executions": reply.max_concurrent_executions,
             "running_executions": reply.running_executions,
+            "packages": [{"name": p.name, "version": p.version} for p in reply.packages],
+            "preload_modules": list(reply.preload_modules),
         }
 
     # Executing -----------------------------------------------------------------------------
@@ -212,6 +222,7 @@ class ExecutorClient(Closing):
         *,
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecutionResult:
         """Run ``code`` and return its outcome; a failed program is a failed result, not an error.
 
@@ -219,6 +230,9 @@ class ExecutorClient(Closing):
         ``config`` becomes the program's read-only ``config``; ``context`` (default: the
         current task's context) its ``context`` and what ``run_with_context`` tools receive.
         ``execution_timeout`` (seconds, default ``config.timeout``) is enforced by the executor.
+        ``limits`` lowers the executor's limits for this run. ``files`` (name to bytes) are
+        placed read-only under ``/input`` before the program starts; what it leaves in
+        ``/output`` comes back as ``ExecutionResult.files``.
 
         Raises :class:`ExecutorConnectionError`, :class:`ExecutorTimeoutError` (the client
         deadline passed without an outcome), :class:`ExecutorRequestError` subclasses, and
@@ -233,6 +247,7 @@ class ExecutorClient(Closing):
                 context,
                 correlation_id=correlation_id,
                 limits=limits,
+                files=files,
             )
         )
 
@@ -246,6 +261,7 @@ class ExecutorClient(Closing):
         *,
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecutionResult:
         """Blocking :meth:`execute_async`; works with or without a running event loop."""
         request = Request(
@@ -256,6 +272,7 @@ class ExecutorClient(Closing):
             context,
             correlation_id=correlation_id,
             limits=limits,
+            files=files,
         )
         return run_sync(self._execute(request.in_caller_context()))
 
@@ -269,6 +286,7 @@ class ExecutorClient(Closing):
         *,
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
+        files: Mapping[str, bytes] | None = None,
         stream_output: bool = True,
     ) -> AsyncIterator[ExecutionEvent]:
         """Run ``code``, yielding events as they happen; the last one is a :class:`ResultEvent`.
@@ -285,6 +303,7 @@ class ExecutorClient(Closing):
                 context,
                 correlation_id=correlation_id,
                 limits=limits,
+                files=files,
                 stream_output=stream_output,
             )
         )
@@ -372,6 +391,7 @@ class ExecutorClient(Closing):
             raise InvalidRequestError(
                 f"config must be JSON-serialisable: {exc}", correlation_id=cid
             ) from None
+        files = _check_files(request.files, cid)
         start = pb.StartExecution(
             code=code,
             tools=specs,
@@ -380,8 +400,9 @@ class ExecutorClient(Closing):
             timeout_seconds=timeout,
             limits=pb.Limits(**_limit_fields(request.limits)),
             stream_output=request.stream_output,
+            files=[pb.FileInfo(name=name, size=len(data)) for name, data in files],
         )
-        return _Prepared(start, context.with_correlation_id(cid), tools, cid)
+        return _Prepared(start, context.with_correlation_id(cid), tools, cid, files)
 
     async def _stream_once(self, prepared: _Prepared) -> AsyncIterator[ExecutionEvent]:
         """One attempt: open the stream, send the start frame, relay until the result."""
@@ -397,6 +418,16 @@ class ExecutorClient(Closing):
         try:
             await call.write(pb.ClientFrame(start=prepared.start))
             sent = True
+            if prepared.files:
+                # The executor sends its headers once it has admitted the execution: only then
+                # do the files go (a refusal racing a large upload would reset the stream).
+                await call.initial_metadata()
+                try:
+                    for chunk in _file_chunks(prepared.files):
+                        await call.write(pb.ClientFrame(file=chunk))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    pass  # the executor ended the call: the read below says why
+            received = _Files()
             while True:
                 frame = await _read(call)
                 if frame is grpc.aio.EOF:
@@ -413,10 +444,14 @@ class ExecutorClient(Closing):
                         "stderr" if frame.output.stream == pb.Output.STDERR else "stdout"
                     )
                     yield OutputEvent(stream, frame.output.data.decode("utf-8", "replace"))
+                elif kind == "file":
+                    received.add(frame.file)
                 elif kind == "result":
                     for event in relay.finished():
                         yield event
-                    yield ResultEvent(_result_from_wire(frame.result, cid))
+                    yield ResultEvent(
+                        _result_from_wire(frame.result, cid, received.take(frame.result))
+                    )
                     return
                 for event in relay.finished():
                     yield event
@@ -456,6 +491,7 @@ class _Prepared:
     context: RuntimeContext  # carrying the correlation id, for run_with_context tools
     tools: Mapping[str, Any]
     correlation_id: str
+    files: tuple[tuple[str, bytes], ...] = ()
 
 
 class _ToolRelay:
@@ -610,7 +646,9 @@ def _tool_error(error_type: str, message: str) -> pb.ToolResult:
     return pb.ToolResult(ok=False, error_type=error_type, error_message=message)
 
 
-def _result_from_wire(result: pb.ExecutionResult, cid: str) -> ExecutionResult:
+def _result_from_wire(
+    result: pb.ExecutionResult, cid: str, files: dict[str, bytes] | None = None
+) -> ExecutionResult:
     return ExecutionResult(
         success=result.success,
         result=result.result_json.decode() if result.result_json else None,
@@ -623,7 +661,66 @@ def _result_from_wire(result: pb.ExecutionResult, cid: str) -> ExecutionResult:
         correlation_id=result.correlation_id or cid,
         tool_calls=result.tool_calls,
         output_truncated=result.output_truncated,
+        files=files or {},
     )
+
+
+def _check_files(files: Mapping[str, bytes] | None, cid: str) -> tuple[tuple[str, bytes], ...]:
+    """The input files as (name, bytes) pairs, checked; raises :class:`InvalidRequestError`."""
+    if not files:
+        return ()
+    if not isinstance(files, Mapping):
+        raise InvalidRequestError(
+            f"files must be a mapping of name to bytes, not {type(files).__name__}",
+            correlation_id=cid,
+        )
+    checked = []
+    for name, data in files.items():
+        problem = file_name_problem(name)
+        if problem is not None:
+            raise InvalidRequestError(f"input file: {problem}", correlation_id=cid)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequestError(
+                f"input file {name!r} must be bytes, not {type(data).__name__}",
+                correlation_id=cid,
+            )
+        checked.append((name, bytes(data)))
+    if len(checked) > MAX_INPUT_FILES:
+        raise InvalidRequestError(
+            f"{len(checked)} input files; at most {MAX_INPUT_FILES} are accepted",
+            correlation_id=cid,
+        )
+    return tuple(checked)
+
+
+def _file_chunks(files: Sequence[tuple[str, bytes]]) -> Iterator[pb.FileChunk]:
+    """The input files' bytes as the wire's chunks, file after file (none for empty files)."""
+    for name, data in files:
+        view = memoryview(data)
+        for at in range(0, len(data), FILE_CHUNK_BYTES):
+            yield pb.FileChunk(name=name, data=bytes(view[at : at + FILE_CHUNK_BYTES]))
+
+
+class _Files:
+    """The output files' chunks as they arrive, checked against the result's list at the end."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[bytes]] = {}
+
+    def add(self, chunk: pb.FileChunk) -> None:
+        self._parts.setdefault(chunk.name, []).append(chunk.data)
+
+    def take(self, result: pb.ExecutionResult) -> dict[str, bytes]:
+        files = {}
+        for info in result.files:
+            data = b"".join(self._parts.pop(info.name, ()))
+            if len(data) != info.size:
+                raise ExecutorClientError(
+                    f"output file {info.name!r} arrived with {len(data)} of its {info.size} bytes",
+                    correlation_id=result.correlation_id or None,
+                )
+            files[info.name] = data
+        return files
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError, cid: str, sent: bool) -> ExecutorClientError:

@@ -30,6 +30,8 @@ class ExecutionResult:
     correlation_id: str = ""
     tool_calls: int = 0
     output_truncated: bool = False
+    #: The files the program left in ``/output``, by name.
+    files: dict[str, bytes] = field(default_factory=dict)
 
     @cached_property
     def value(self) -> Any:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from codemode.tools.spec import EMPTY, ToolSpec, spec_for
 
-__all__ = ["PREAMBLE", "describe_tools", "render_stub", "search_tools"]
+__all__ = ["PREAMBLE", "describe_tools", "packages_line", "render_stub", "search_tools"]
 
 PREAMBLE = """\
 # Your program calls the application's tools through `tools`; their stubs follow.
@@ -42,13 +42,26 @@ _UNION_TYPE = type(int | None)
 _MAX_DEFAULT_REPR = 40
 
 
+def packages_line(packages: Iterable[str]) -> str:
+    """The one line that tells the model what the sandbox can import (names sorted, once each)."""
+    names = sorted({str(name) for name in packages}, key=str.lower)
+    if not names:
+        return "# The sandbox can import the standard library only."
+    return f"# The sandbox can import the standard library and these packages: {', '.join(names)}."
+
+
 def describe_tools(
-    tools: Mapping[str, Any], names: Iterable[str] | None = None, *, preamble: bool = True
+    tools: Mapping[str, Any],
+    names: Iterable[str] | None = None,
+    *,
+    preamble: bool = True,
+    packages: Iterable[str] | None = None,
 ) -> str:
     """Stubs for ``tools`` (name → tool), or only ``names``, sorted, after the preamble.
 
     Object types the tools take or return (pydantic models, TypedDicts, dataclasses) are
-    written once, as TypedDicts, before the functions.
+    written once, as TypedDicts, before the functions. ``packages`` (names) adds the line of
+    :func:`packages_line` after the preamble.
     """
     selected = sorted(tools if names is None else names)
     models: dict[str, Any] = {}
@@ -56,6 +69,8 @@ def describe_tools(
         render_stub(name, tools[name], models=models) for name in selected if name in tools
     ]
     parts = [PREAMBLE] if preamble else []
+    if packages is not None:
+        parts.append(packages_line(packages))
     seen: set[str] = set()
     rendered_models: list[str] = []
     # Models may reference further models; render until none is left unrendered.

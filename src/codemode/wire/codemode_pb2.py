@@ -23,7 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63odemode.proto\x12\x0b\x63odemode.v1\"\r\n\x0bInfoRequest\"\xe1\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tisolation\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.codemode.v1.Limits\x12%\n\x1dmax_execution_timeout_seconds\x18\x06 \x01(\x01\x12!\n\x19max_concurrent_executions\x18\x07 \x01(\x05\x12\x1a\n\x12running_executions\x18\x08 \x01(\x05\"N\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08is_asyncR\x0bschema_jsonR\x0b\x64\x65scription\"\xc3\x01\n\x06Limits\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x15\n\rmax_processes\x18\x03 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x04 \x01(\x03\x12\x16\n\x0emax_open_files\x18\x05 \x01(\x05\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_result_bytes\x18\x07 \x01(\x03\x12\x13\n\x0btmpfs_bytes\x18\x08 \x01(\x03\"\xc4\x01\n\x0eStartExecution\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.codemode.v1.ToolSpec\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontext_json\x18\x04 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.codemode.v1.Limits\x12\x15\n\rstream_output\x18\x07 \x01(\x08\"h\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nvalue_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x9b\x01\n\x0b\x43lientFrame\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.codemode.v1.StartExecutionH\x00\x12.\n\x0btool_result\x18\x02 \x01(\x0b\x32\x17.codemode.v1.ToolResultH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codemode.v1.CancelH\x00\x42\x07\n\x05\x66rame\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\x0c\"d\n\x06Output\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.codemode.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"\xf0\x01\n\x0f\x45xecutionResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\x0c\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x12\n\ntool_calls\x18\n \x01(\x05\x12\x18\n\x10output_truncated\x18\x0b \x01(\x08\"\x99\x01\n\x0bServerFrame\x12*\n\ttool_call\x18\x01 \x01(\x0b\x32\x15.codemode.v1.ToolCallH\x00\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x13.codemode.v1.OutputH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.codemode.v1.ExecutionResultH\x00\x42\x07\n\x05\x66rame2\x8a\x01\n\x08\x45xecutor\x12\x41\n\x07\x45xecute\x12\x18.codemode.v1.ClientFrame\x1a\x18.codemode.v1.ServerFrame(\x01\x30\x01\x12;\n\x04Info\x12\x18.codemode.v1.InfoRequest\x1a\x19.codemode.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63odemode.proto\x12\x0b\x63odemode.v1\"\r\n\x0bInfoRequest\"\xd9\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tisolation\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.codemode.v1.Limits\x12%\n\x1dmax_execution_timeout_seconds\x18\x06 \x01(\x01\x12!\n\x19max_concurrent_executions\x18\x07 \x01(\x05\x12\x1a\n\x12running_executions\x18\x08 \x01(\x05\x12\x33\n\x08packages\x18\t \x03(\x0b\x32!.codemode.v1.InfoResponse.Package\x12\x17\n\x0fpreload_modules\x18\n \x03(\t\x1a(\n\x07Package\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"N\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x08is_asyncR\x0bschema_jsonR\x0b\x64\x65scription\"\xfc\x01\n\x06Limits\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x15\n\rmax_processes\x18\x03 \x01(\x05\x12\x16\n\x0emax_file_bytes\x18\x04 \x01(\x03\x12\x16\n\x0emax_open_files\x18\x05 \x01(\x05\x12\x18\n\x10max_output_bytes\x18\x06 \x01(\x03\x12\x18\n\x10max_result_bytes\x18\x07 \x01(\x03\x12\x13\n\x0btmpfs_bytes\x18\x08 \x01(\x03\x12\x17\n\x0fmax_input_bytes\x18\t \x01(\x03\x12\x1e\n\x16max_output_files_bytes\x18\n \x01(\x03\"&\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\'\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xea\x01\n\x0eStartExecution\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.codemode.v1.ToolSpec\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontext_json\x18\x04 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.codemode.v1.Limits\x12\x15\n\rstream_output\x18\x07 \x01(\x08\x12$\n\x05\x66iles\x18\x08 \x03(\x0b\x32\x15.codemode.v1.FileInfo\"h\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x12\n\nvalue_json\x18\x03 \x01(\x0c\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc3\x01\n\x0b\x43lientFrame\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.codemode.v1.StartExecutionH\x00\x12.\n\x0btool_result\x18\x02 \x01(\x0b\x32\x17.codemode.v1.ToolResultH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.codemode.v1.CancelH\x00\x12&\n\x04\x66ile\x18\x04 \x01(\x0b\x32\x16.codemode.v1.FileChunkH\x00\x42\x07\n\x05\x66rame\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\x0c\"d\n\x06Output\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.codemode.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\"\x96\x02\n\x0f\x45xecutionResult\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\x12\x0e\n\x06stdout\x18\x06 \x01(\x0c\x12\x0e\n\x06stderr\x18\x07 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x12\n\ntool_calls\x18\n \x01(\x05\x12\x18\n\x10output_truncated\x18\x0b \x01(\x08\x12$\n\x05\x66iles\x18\x0c \x03(\x0b\x32\x15.codemode.v1.FileInfo\"\xc1\x01\n\x0bServerFrame\x12*\n\ttool_call\x18\x01 \x01(\x0b\x32\x15.codemode.v1.ToolCallH\x00\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x13.codemode.v1.OutputH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.codemode.v1.ExecutionResultH\x00\x12&\n\x04\x66ile\x18\x04 \x01(\x0b\x32\x16.codemode.v1.FileChunkH\x00\x42\x07\n\x05\x66rame2\x8a\x01\n\x08\x45xecutor\x12\x41\n\x07\x45xecute\x12\x18.codemode.v1.ClientFrame\x1a\x18.codemode.v1.ServerFrame(\x01\x30\x01\x12;\n\x04Info\x12\x18.codemode.v1.InfoRequest\x1a\x19.codemode.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=31
   _globals['_INFOREQUEST']._serialized_end=44
   _globals['_INFORESPONSE']._serialized_start=47
-  _globals['_INFORESPONSE']._serialized_end=272
-  _globals['_TOOLSPEC']._serialized_start=274
-  _globals['_TOOLSPEC']._serialized_end=352
-  _globals['_LIMITS']._serialized_start=355
-  _globals['_LIMITS']._serialized_end=550
-  _globals['_STARTEXECUTION']._serialized_start=553
-  _globals['_STARTEXECUTION']._serialized_end=749
-  _globals['_TOOLRESULT']._serialized_start=751
-  _globals['_TOOLRESULT']._serialized_end=855
-  _globals['_CANCEL']._serialized_start=857
-  _globals['_CANCEL']._serialized_end=881
-  _globals['_CLIENTFRAME']._serialized_start=884
-  _globals['_CLIENTFRAME']._serialized_end=1039
-  _globals['_TOOLCALL']._serialized_start=1041
-  _globals['_TOOLCALL']._serialized_end=1106
-  _globals['_OUTPUT']._serialized_start=1108
-  _globals['_OUTPUT']._serialized_end=1208
-  _globals['_OUTPUT_STREAM']._serialized_start=1176
-  _globals['_OUTPUT_STREAM']._serialized_end=1208
-  _globals['_EXECUTIONRESULT']._serialized_start=1211
-  _globals['_EXECUTIONRESULT']._serialized_end=1451
-  _globals['_SERVERFRAME']._serialized_start=1454
-  _globals['_SERVERFRAME']._serialized_end=1607
-  _globals['_EXECUTOR']._serialized_start=1610
-  _globals['_EXECUTOR']._serialized_end=1748
+  _globals['_INFORESPONSE']._serialized_end=392
+  _globals['_INFORESPONSE_PACKAGE']._serialized_start=352
+  _globals['_INFORESPONSE_PACKAGE']._serialized_end=392
+  _globals['_TOOLSPEC']._serialized_start=394
+  _globals['_TOOLSPEC']._serialized_end=472
+  _globals['_LIMITS']._serialized_start=475
+  _globals['_LIMITS']._serialized_end=727
+  _globals['_FILEINFO']._serialized_start=729
+  _globals['_FILEINFO']._serialized_end=767
+  _globals['_FILECHUNK']._serialized_start=769
+  _globals['_FILECHUNK']._serialized_end=808
+  _globals['_STARTEXECUTION']._serialized_start=811
+  _globals['_STARTEXECUTION']._serialized_end=1045
+  _globals['_TOOLRESULT']._serialized_start=1047
+  _globals['_TOOLRESULT']._serialized_end=1151
+  _globals['_CANCEL']._serialized_start=1153
+  _globals['_CANCEL']._serialized_end=1177
+  _globals['_CLIENTFRAME']._serialized_start=1180
+  _globals['_CLIENTFRAME']._serialized_end=1375
+  _globals['_TOOLCALL']._serialized_start=1377
+  _globals['_TOOLCALL']._serialized_end=1442
+  _globals['_OUTPUT']._serialized_start=1444
+  _globals['_OUTPUT']._serialized_end=1544
+  _globals['_OUTPUT_STREAM']._serialized_start=1512
+  _globals['_OUTPUT_STREAM']._serialized_end=1544
+  _globals['_EXECUTIONRESULT']._serialized_start=1547
+  _globals['_EXECUTIONRESULT']._serialized_end=1825
+  _globals['_SERVERFRAME']._serialized_start=1828
+  _globals['_SERVERFRAME']._serialized_end=2021
+  _globals['_EXECUTOR']._serialized_start=2024
+  _globals['_EXECUTOR']._serialized_end=2162
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,11 @@
 isort:skip_file
 Codemode wire protocol: one bidirectional stream per execution.
 
-The client opens Execute, sends one StartExecution, then answers every ToolCall the
-server sends with a ToolResult (or sends Cancel). The server streams Output chunks when
-asked to, and always ends with exactly one ExecutionResult. Values travel as JSON bytes
-so that integers stay integers.
+The client opens Execute, sends one StartExecution and the chunks of the input files it
+declares, then answers every ToolCall the server sends with a ToolResult (or sends
+Cancel). The server streams Output chunks when asked to, sends the chunks of the files
+the program left in /output, and always ends with exactly one ExecutionResult. Values
+travel as JSON bytes so that integers stay integers.
 """
 
 from collections import abc as _abc
@@ -44,6 +45,30 @@ Global___InfoRequest: _TypeAlias = InfoRequest  # noqa: Y015
 class InfoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class Package(_message.Message):
+        """What programs can import besides the standard library: the sandbox venv's
+        distributions, and the modules every sandbox has imported ahead.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NAME_FIELD_NUMBER: _builtins.int
+        VERSION_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        version: _builtins.str
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            version: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VERSION_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     ISOLATED_FIELD_NUMBER: _builtins.int
@@ -52,6 +77,8 @@ class InfoResponse(_message.Message):
     MAX_EXECUTION_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_EXECUTIONS_FIELD_NUMBER: _builtins.int
     RUNNING_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    PRELOAD_MODULES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     isolation: _builtins.str
     """the sandbox backend: "forkserver", "bwrap", "process" """
@@ -66,6 +93,10 @@ class InfoResponse(_message.Message):
     def limits(self) -> Global___Limits:
         """the service's ceilings"""
 
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___InfoResponse.Package]: ...
+    @_builtins.property
+    def preload_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -77,10 +108,12 @@ class InfoResponse(_message.Message):
         max_execution_timeout_seconds: _builtins.float = ...,
         max_concurrent_executions: _builtins.int = ...,
         running_executions: _builtins.int = ...,
+        packages: _abc.Iterable[Global___InfoResponse.Package] | None = ...,
+        preload_modules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated", "isolation", b"isolation", "limits", b"limits", "max_concurrent_executions", b"max_concurrent_executions", "max_execution_timeout_seconds", b"max_execution_timeout_seconds", "running_executions", b"running_executions", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated", "isolation", b"isolation", "limits", b"limits", "max_concurrent_executions", b"max_concurrent_executions", "max_execution_timeout_seconds", b"max_execution_timeout_seconds", "packages", b"packages", "preload_modules", b"preload_modules", "running_executions", b"running_executions", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,6 +158,8 @@ class Limits(_message.Message):
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
     TMPFS_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_FILES_BYTES_FIELD_NUMBER: _builtins.int
     cpu_seconds: _builtins.float
     memory_bytes: _builtins.int
     max_processes: _builtins.int
@@ -133,6 +168,10 @@ class Limits(_message.Message):
     max_output_bytes: _builtins.int
     max_result_bytes: _builtins.int
     tmpfs_bytes: _builtins.int
+    max_input_bytes: _builtins.int
+    """all input files of one execution together"""
+    max_output_files_bytes: _builtins.int
+    """all files the program leaves in /output together"""
     def __init__(
         self,
         *,
@@ -144,14 +183,66 @@ class Limits(_message.Message):
         max_output_bytes: _builtins.int = ...,
         max_result_bytes: _builtins.int = ...,
         tmpfs_bytes: _builtins.int = ...,
+        max_input_bytes: _builtins.int = ...,
+        max_output_files_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "max_file_bytes", b"max_file_bytes", "max_open_files", b"max_open_files", "max_output_bytes", b"max_output_bytes", "max_processes", b"max_processes", "max_result_bytes", b"max_result_bytes", "memory_bytes", b"memory_bytes", "tmpfs_bytes", b"tmpfs_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "max_file_bytes", b"max_file_bytes", "max_input_bytes", b"max_input_bytes", "max_open_files", b"max_open_files", "max_output_bytes", b"max_output_bytes", "max_output_files_bytes", b"max_output_files_bytes", "max_processes", b"max_processes", "max_result_bytes", b"max_result_bytes", "memory_bytes", b"memory_bytes", "tmpfs_bytes", b"tmpfs_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class FileInfo(_message.Message):
+    """A file by name and size: the input files a start frame declares, the output files a
+    result lists. Its bytes travel as FileChunk frames, in the order listed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """one path component: no "/", not "." or ".." """
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileInfo: _TypeAlias = FileInfo  # noqa: Y015
+
+@_typing.final
+class FileChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    data: _builtins.bytes
+    """at most 1 MiB"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015
 
 @_typing.final
 class StartExecution(_message.Message):
@@ -164,6 +255,7 @@ class StartExecution(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     STREAM_OUTPUT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     config_json: _builtins.bytes
     """JSON object, read-only `config` in the program"""
@@ -177,6 +269,10 @@ class StartExecution(_message.Message):
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolSpec]: ...
     @_builtins.property
     def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
+        """placed read-only under /input before the program starts"""
+
     def __init__(
         self,
         *,
@@ -187,10 +283,11 @@ class StartExecution(_message.Message):
         timeout_seconds: _builtins.float = ...,
         limits: Global___Limits | None = ...,
         stream_output: _builtins.bool = ...,
+        files: _abc.Iterable[Global___FileInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "config_json", b"config_json", "context_json", b"context_json", "limits", b"limits", "stream_output", b"stream_output", "timeout_seconds", b"timeout_seconds", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "config_json", b"config_json", "context_json", b"context_json", "files", b"files", "limits", b"limits", "stream_output", b"stream_output", "timeout_seconds", b"timeout_seconds", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,24 +357,30 @@ class ClientFrame(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartExecution: ...
     @_builtins.property
     def tool_result(self) -> Global___ToolResult: ...
     @_builtins.property
     def cancel(self) -> Global___Cancel: ...
+    @_builtins.property
+    def file(self) -> Global___FileChunk:
+        """right after the start frame, until every declared file is sent"""
+
     def __init__(
         self,
         *,
         start: Global___StartExecution | None = ...,
         tool_result: Global___ToolResult | None = ...,
         cancel: Global___Cancel | None = ...,
+        file: Global___FileChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tool_result", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tool_result", "cancel", "file"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -359,6 +462,7 @@ class ExecutionResult(_message.Message):
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     result_json: _builtins.bytes
     """empty when the program set no `result`"""
@@ -371,6 +475,10 @@ class ExecutionResult(_message.Message):
     correlation_id: _builtins.str
     tool_calls: _builtins.int
     output_truncated: _builtins.bool
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
+        """the program's /output files, sent just before as FileChunks"""
+
     def __init__(
         self,
         *,
@@ -385,10 +493,11 @@ class ExecutionResult(_message.Message):
         correlation_id: _builtins.str = ...,
         tool_calls: _builtins.int = ...,
         output_truncated: _builtins.bool = ...,
+        files: _abc.Iterable[Global___FileInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "error_message", b"error_message", "error_type", b"error_type", "output_truncated", b"output_truncated", "result_json", b"result_json", "stderr", b"stderr", "stdout", b"stdout", "success", b"success", "tool_calls", b"tool_calls", "traceback", b"traceback"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "error_message", b"error_message", "error_type", b"error_type", "files", b"files", "output_truncated", b"output_truncated", "result_json", b"result_json", "stderr", b"stderr", "stdout", b"stdout", "success", b"success", "tool_calls", b"tool_calls", "traceback", b"traceback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,24 +510,28 @@ class ServerFrame(_message.Message):
     TOOL_CALL_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tool_call(self) -> Global___ToolCall: ...
     @_builtins.property
     def output(self) -> Global___Output: ...
     @_builtins.property
     def result(self) -> Global___ExecutionResult: ...
+    @_builtins.property
+    def file(self) -> Global___FileChunk: ...
     def __init__(
         self,
         *,
         tool_call: Global___ToolCall | None = ...,
         output: Global___Output | None = ...,
         result: Global___ExecutionResult | None = ...,
+        file: Global___FileChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["tool_call", "output", "result"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["tool_call", "output", "result", "file"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 

@@ -3,10 +3,11 @@
 isort:skip_file
 Codemode wire protocol: one bidirectional stream per execution.
 
-The client opens Execute, sends one StartExecution, then answers every ToolCall the
-server sends with a ToolResult (or sends Cancel). The server streams Output chunks when
-asked to, and always ends with exactly one ExecutionResult. Values travel as JSON bytes
-so that integers stay integers.
+The client opens Execute, sends one StartExecution and the chunks of the input files it
+declares, then answers every ToolCall the server sends with a ToolResult (or sends
+Cancel). The server streams Output chunks when asked to, sends the chunks of the files
+the program left in /output, and always ends with exactly one ExecutionResult. Values
+travel as JSON bytes so that integers stay integers.
 """
 
 from collections import abc as _abc

@@ -12,5 +12,28 @@ AUTHORIZATION = "authorization"
 CORRELATION_ID = "x-correlation-id"
 #: Trailer of a refusal after which the client may retry: the program did not start.
 NOT_STARTED_TRAILER = "x-codemode-not-started"
+#: Input files one execution may declare at most.
+MAX_INPUT_FILES = 1000
 
-__all__ = ["AUTHORIZATION", "CORRELATION_ID", "NOT_STARTED_TRAILER", "ErrorType"]
+
+def file_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name an input or output file (one path component), or None."""
+    if not isinstance(name, str):
+        return f"file names must be str, not {type(name).__name__}"
+    if name in ("", ".", ".."):
+        return f"{name!r} is not a file name"
+    if "/" in name or "\x00" in name:
+        return f"file name {name!r} must be one path component (no '/')"
+    if len(name.encode()) > 255:
+        return f"file name {name[:40]!r}... is longer than 255 bytes"
+    return None
+
+
+__all__ = [
+    "AUTHORIZATION",
+    "CORRELATION_ID",
+    "MAX_INPUT_FILES",
+    "NOT_STARTED_TRAILER",
+    "ErrorType",
+    "file_name_problem",
+]

@@ -19,6 +19,7 @@ class ErrorType(enum.StrEnum):
     MEMORY_LIMIT = "MemoryLimit"
     PROCESS_LIMIT = "ProcessLimit"
     OUTPUT_LIMIT = "OutputLimit"
+    OUTPUT_FILES_LIMIT = "OutputFilesLimit"
     RESULT_TOO_LARGE = "ResultTooLarge"
     RESULT_NOT_SERIALIZABLE = "ResultNotSerializable"
     TOOL_CALL_LIMIT = "ToolCallLimit"

@@ -22,6 +22,9 @@ FRAME_HEADER = struct.Struct(">II")
 MAX_HEADER_BYTES = 1 << 20
 #: Longest a guest waits, after sending its outcome, for the service to kill it, ms.
 LINGER_MS = 5000
+#: Where a program finds its input files (read-only, root's) and leaves its output files.
+INPUT_DIR = "/input"
+OUTPUT_DIR = "/output"
 
 
 class ProtocolError(Exception):

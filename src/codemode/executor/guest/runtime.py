@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
 from .outcomes import ErrorType
-from .protocol import FRAME_HEADER, Channel, ProtocolError, encode_frame, parse_header
+from .protocol import (
+    FRAME_HEADER,
+    OUTPUT_DIR,
+    Channel,
+    ProtocolError,
+    encode_frame,
+    parse_header,
+)
 from .tools import JSON_ENCODER, Relay, ToolError, Tools
 
 #: Filename under which the user's code is compiled; tracebacks keep only these frames.
@@ -40,14 +47,20 @@ _GUEST_DIR = os.path.dirname(os.path.abspath(__file__))
 #: from enums in Python, which the first time in a guest copies pages shared with the zygote.
 C_SIGNAL: Any = __import__("_signal")
 
-# Limits the guest applies to itself before the user's code runs (name -> rlimit).
+# Limits the guest applies to itself before the user's code runs (name -> rlimit). The
+# address-space cap is ``address_space_bytes`` when the start frame has it (a generous
+# backstop where a memory cgroup counts real use), else ``memory_bytes``.
 _RLIMITS = {
     "cpu_seconds": resource.RLIMIT_CPU,
-    "memory_bytes": resource.RLIMIT_AS,
+    "address_space_bytes": resource.RLIMIT_AS,
     "max_processes": resource.RLIMIT_NPROC,
     "max_file_bytes": resource.RLIMIT_FSIZE,
     "max_open_files": resource.RLIMIT_NOFILE,
 }
+#: site-packages directories put on ``sys.path`` at start (the sandbox venv's).
+SITE_DIRS: list[str] = []
+#: How many installed names a "no module named" error lists before "and N more".
+_LISTED_PACKAGES = 15
 
 
 def _freeze(value: Any) -> Any:
@@ -68,6 +81,8 @@ def apply_limits(limits: Mapping[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for key, which in _RLIMITS.items():
         value = int(limits.get(key) or 0)
+        if which == resource.RLIMIT_AS and "address_space_bytes" not in limits:
+            value = int(limits.get("memory_bytes") or 0)
         if value <= 0:
             continue
         soft, hard = value, value
@@ -140,7 +155,36 @@ def limit_error_type(exc: BaseException) -> str | None:
     return None
 
 
+def installed_packages(site_dirs: list[str] | None = None) -> list[str]:
+    """The distributions in the sandbox venv's site-packages, by name (from their dist-info)."""
+    names: set[str] = set()
+    for site in SITE_DIRS if site_dirs is None else site_dirs:
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(site):
+                if entry.endswith(".dist-info"):
+                    names.add(entry[: -len(".dist-info")].split("-")[0].replace("_", "-"))
+    return sorted(names, key=str.lower)
+
+
+def _explain_missing_module(exc: ModuleNotFoundError) -> None:
+    """Say in ``exc``'s message that the sandbox lacks the module, and what it has instead."""
+    top = (exc.name or "").partition(".")[0]
+    if not top or top in sys.modules:
+        return  # a submodule of an installed package: its own message says enough
+    installed = installed_packages()
+    if not installed:
+        offer = "only the standard library"
+    else:
+        shown = ", ".join(installed[:_LISTED_PACKAGES])
+        more = len(installed) - _LISTED_PACKAGES
+        offer = f"the standard library and: {shown}" + (f" and {more} more" if more > 0 else "")
+    exc.msg = f"{exc.msg}: '{top}' is not installed in the sandbox, which has {offer}"
+
+
 def _error_frame(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ModuleNotFoundError):
+        with contextlib.suppress(Exception):
+            _explain_missing_module(exc)
     error_type = ErrorType.TOOL_ERROR if isinstance(exc, ToolError) else type(exc).__name__
     error_type = limit_error_type(exc) or error_type
     return {
@@ -199,16 +243,32 @@ def _encode_result(namespace: Mapping[str, Any], max_bytes: int) -> tuple[dict[s
     return {"t": "done", "ok": True}, payload
 
 
-def _namespace(header: Mapping[str, Any], channel: Channel | None) -> dict[str, Any]:
+def _left_files() -> bool:
+    """Whether the program left anything in ``/output`` (where there is one)."""
+    try:
+        return bool(os.listdir(OUTPUT_DIR))
+    except OSError:
+        return False
+
+
+def _namespace(header: Mapping[str, Any], relay: Relay) -> dict[str, Any]:
     """The program's globals: ``tools``, ``context`` and ``config`` of its start frame."""
-    relay = Relay(channel, frozenset(header.get("tools") or ()))  # type: ignore[arg-type]
-    return {
-        "__name__": "__main__",
-        "__builtins__": builtins,
-        "tools": Tools(relay),
-        "context": _freeze(header.get("context") or {}),
-        "config": _freeze(header.get("config") or {}),
-    }
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    _enter(namespace, header, relay)
+    return namespace
+
+
+def _enter(namespace: dict[str, Any], header: Mapping[str, Any], relay: Relay) -> None:
+    """Give the program its start frame's ``tools``, ``context`` and ``config``.
+
+    In a session the namespace is the previous execution's, variables and imports kept; its
+    ``result`` goes, so that an unset one is not reported again.
+    """
+    relay.tool_names = frozenset(header.get("tools") or ())
+    namespace.pop("result", None)
+    namespace["tools"] = Tools(relay)
+    namespace["context"] = _freeze(header.get("context") or {})
+    namespace["config"] = _freeze(header.get("config") or {})
 
 
 def _run(code: str, namespace: dict[str, Any], max_result: int) -> tuple[dict[str, Any], bytes]:
@@ -242,7 +302,7 @@ def warm_up() -> None:
     frame = encode_frame(_WARM_UP_HEADER, b"result = 1")
     head_len, _ = FRAME_HEADER.unpack_from(frame)
     header = parse_header(frame[FRAME_HEADER.size : FRAME_HEADER.size + head_len])
-    namespace = _namespace(header, None)
+    namespace = _namespace(header, Relay(None, frozenset()))  # type: ignore[arg-type]
     namespace["result"] = {"n": 1, "s": "x"}
     encode_frame(*_encode_result(namespace, 0))
 
@@ -258,13 +318,17 @@ def prime(rounds: int = 64) -> None:
     """
     for _ in range(rounds):
         warm_up()
-        encode_frame(*_run("result = sum(range(10))", _namespace(_WARM_UP_HEADER, None), 0))
+        dummy = _namespace(_WARM_UP_HEADER, Relay(None, frozenset()))  # type: ignore[arg-type]
+        encode_frame(*_run("result = sum(range(10))", dummy, 0))
     linecache.cache.pop(USER_FILENAME, None)
 
 
 def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
     """Run one execution on ``channel_fd``: read the start frame, run, report, return.
 
+    A start frame with ``"session": true`` asks for more: after its outcome the guest waits
+    for the next start frame and runs it in the same namespace, until the service ends it.
+    The limits are those of the first frame, for the whole session (rlimits only go down).
     ``prefix``: the first bytes of the channel, when the caller has already read them.
     """
     # The start frame carries the code; its size is bounded by the service before sending.
@@ -275,26 +339,37 @@ def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
     limits: dict[str, Any] = header.get("limits") or {}
     max_result = int(limits.get("max_result_bytes") or 0)
     channel.max_payload = max_result or (64 << 20)
-    namespace = _namespace(header, channel)
+    relay = Relay(channel, frozenset())
+    namespace = _namespace(header, relay)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     apply_limits(limits)
-    done = _run(payload.decode("utf-8"), namespace, max_result)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    channel.send(*done)
-    channel.wait_closed()
-    return 0
+    while True:
+        done = _run(payload.decode("utf-8"), namespace, max_result)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        if _left_files():
+            done[0]["files"] = True  # the service then collects them
+        channel.send(*done)
+        if not header.get("session"):
+            channel.wait_closed()
+            return 0
+        header, payload = relay.next_frame()
+        if header["t"] != "start":
+            raise ProtocolError(f"expected a start frame, got {header['t']!r}")
+        _enter(namespace, header, relay)
 
 
 def receive_fds(control_fd: int) -> int:
     """Wait on ``control_fd`` for (channel, stdout, stderr) from the service; return the channel.
 
     A pre-started guest gets its descriptors this way (one ``SCM_RIGHTS`` message); stdout and
-    stderr become fds 1 and 2.
+    stderr become fds 1 and 2. It first says it is ready (one byte): its sandbox is then
+    complete, which the service waits for before it hands the guest a request.
     """
     with socket.socket(fileno=control_fd) as control:
+        control.sendall(b"R")
         _, fds, _, _ = socket.recv_fds(control, 16, 3)
     if len(fds) != 3:
         for fd in fds:
@@ -308,11 +383,68 @@ def receive_fds(control_fd: int) -> int:
     return channel
 
 
+def add_site_dirs(dirs: list[str]) -> None:
+    """Put the sandbox venv's site-packages on ``sys.path``, after the standard library.
+
+    Its ``.pth`` files are not run: only what the directory itself holds is importable.
+    """
+    for site in dirs:
+        if site not in sys.path:
+            sys.path.append(site)
+            SITE_DIRS.append(site)
+
+
+def preload(modules: list[str]) -> None:
+    """Import ``modules`` now, ahead of the programs that will use them."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
+
+def make_home(path: str) -> None:
+    """Create this execution's home directory (the target of ``$HOME``), as its own uid."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """``[--path DIR]... [--preload MOD,...] [--home DIR] [--check] REST``: (options, REST)."""
+    options: dict[str, list[str]] = {"path": [], "preload": [], "home": [], "check": []}
+    rest = list(argv)
+    while rest and rest[0].removeprefix("--") in options:
+        name = rest.pop(0).removeprefix("--")
+        if name == "check":
+            options["check"].append("1")
+            continue
+        value = rest.pop(0)
+        options[name] += [v for v in value.split(",") if v] if name == "preload" else [value]
+    return options, rest
+
+
 def main(argv: list[str]) -> NoReturn:
-    """Entry point as a script: ``guest.py CHANNEL_FD`` or ``guest.py --fds-from CONTROL_FD``."""
+    """Entry point as a script: ``guest [OPTIONS] CHANNEL_FD`` or ``... --fds-from CONTROL_FD``.
+
+    Options (:func:`parse_args`): the venv's site-packages, modules to import before the
+    program comes (a pooled guest does it while it waits), the home to create. ``--check``
+    stops after the imports: exit 0, or the import's traceback on stderr and exit 1.
+    """
+    options, rest = parse_args(argv[1:])
+    add_site_dirs(options["path"])
+    if options["check"]:
+        try:
+            preload(options["preload"])
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        os._exit(0)
     try:
-        serve_one(receive_fds(int(argv[2])) if argv[1] == "--fds-from" else int(argv[1]))
-    except (EOFError, ProtocolError, OSError):
+        if options["home"]:
+            make_home(options["home"][0])
+        preload(options["preload"])
+        serve_one(receive_fds(int(rest[1])) if rest[0] == "--fds-from" else int(rest[0]))
+    except (EOFError, ProtocolError, OSError, ImportError):
         os._exit(70)
     # Skip interpreter teardown: threads may still wait on the channel, and the service
     # kills the process tree when the outcome has arrived anyway.

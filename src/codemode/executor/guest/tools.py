@@ -9,6 +9,7 @@ import builtins
 import itertools
 import json
 import os
+import queue
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -76,7 +77,8 @@ class Relay:
       for everyone until the end.
 
     So a program whose calls are all sync, or all async from one loop, has no thread hand-off
-    per reply and no reader thread.
+    per reply and no reader thread. Frames other than replies (a session's next start frame)
+    are kept for :meth:`next_frame`, whoever read them.
     """
 
     def __init__(self, channel: Channel, tool_names: frozenset[str]) -> None:
@@ -91,6 +93,7 @@ class Relay:
         self._loop_reader: Any = None  # the event loop reading the channel, if one does
         self._loop_calls = 0  # calls in flight from that loop
         self._closed: BaseException | None = None
+        self._others: queue.SimpleQueue[tuple[dict[str, Any], bytes]] = queue.SimpleQueue()
 
     def _start_reader_locked(self) -> None:
         if self._reader is None:
@@ -118,6 +121,7 @@ class Relay:
             self._closed = exc
             os._exit(70)
         if header.get("t") != "reply":
+            self._others.put((header, payload))
             return
         with self._lock:
             waiter = self._pending.pop(str(header.get("id")), None)
@@ -130,6 +134,19 @@ class Relay:
             else:
                 waiter.loop.call_soon_threadsafe(_resolve, waiter)
         waiter.done.set()
+
+    def next_frame(self) -> tuple[dict[str, Any], bytes]:
+        """The next frame that is not a tool's reply (a session's next start frame)."""
+        while True:
+            try:
+                return self._others.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                reading = self._reader is not None
+            if reading:  # the reader thread reads everything now; it hands this on
+                return self._others.get()
+            self._read_one()
 
     def _read_loop(self) -> None:
         while True:

@@ -5,7 +5,9 @@ Standard library only: it runs inside the bubblewrap sandbox of the fork-server 
 root in the initial user namespace with a few capabilities (``CAP_SYS_ADMIN`` for namespaces
 and mounts, ``CAP_SETUID``/``CAP_SETGID``, ``CAP_SETPCAP``, ``CAP_KILL``), in bwrap's read-only
 runtime file system with its own pid, net, ipc and uts namespaces. It has imported the guest
-runtime and what it needs, so a guest pays neither an interpreter start nor an import.
+runtime and what it needs, and the operator's preloaded modules from the sandbox venv (whose
+site-packages it put on ``sys.path``), so a guest pays neither an interpreter start nor an
+import.
 
 For each ``fork`` request (one ``SOCK_SEQPACKET`` message from the service carrying the
 child's control socket and, with cgroups, its execution's ``cgroup.procs`` files opened for
@@ -17,19 +19,20 @@ writing), it forks a child that is pid 1 of a new pid namespace (``unshare(CLONE
    lent by the zygote, made for it or given back when an earlier child was reaped);
 2. keeps only its control socket (as fd 3) and ``/dev/null`` on 0, 1 and 2;
 3. unshares mount, ipc and uts namespaces (the zygote made every mount private at its
-   start, so the copies are private too); mounts a fresh size-bounded tmpfs on ``/tmp``
-   and ``/dev/shm``, a fresh ``/proc`` and ``/dev/pts``;
+   start, so the copies are private too); mounts a fresh size-bounded tmpfs on ``/tmp``,
+   ``/dev/shm``, ``/input`` (root's: the service writes the input files there) and
+   ``/output``, a fresh ``/proc`` and ``/dev/pts``;
 4. sets rlimit backstops, empties the capability bounding and ambient sets, clears groups,
    changes to its own non-root uid/gid (which empties the other capability sets), clears the
    inheritable set, sets ``no_new_privs``, makes itself dumpable again (as an exec would),
    re-arms ``PR_SET_PDEATHSIG`` and installs the seccomp filter (BPF compiled by the service,
-   passed in once at start-up);
-5. takes a request's first-run copy-on-write faults ahead (:func:`guest.warm_up`);
+   passed in once at start-up); creates its home directory in its fresh ``/tmp``;
+5. takes a request's first-run copy-on-write faults ahead (:func:`guest.runtime.warm_up`);
 6. makes its stdout and stderr pipes and writes one byte on its control socket with their read
    ends: the service reads the child's host pid and uid from the kernel's ``SCM_CREDENTIALS``
    and keeps the read ends; a request then only writes the start frame
    on the control socket, which is the channel (or sends a channel, stdout and stderr of its
-   own); the child then runs :func:`guest.serve_one`.
+   own); the child then runs :func:`guest.runtime.serve_one`.
 
 The zygote reaps its children and reports each exit status to the service. It is pid 1 of its
 own pid namespace: if it dies, the kernel kills every process in that namespace, every guest
@@ -200,6 +203,10 @@ class Config:
 
     def __init__(self, raw: dict[str, Any], seccomp_bpf: bytes, bounding_set: list[int]) -> None:
         self.tmpfs_bytes = int(raw.get("tmpfs_bytes") or (64 << 20))
+        #: The directory ``$HOME`` points to, made by each child in its fresh /tmp.
+        self.home: str = str(raw.get("home") or "")
+        #: Private file systems each child mounts besides /tmp: (path, tmpfs options).
+        self.mounts: list[tuple[str, str]] = [(str(p), str(o)) for p, o in raw.get("mounts", ())]
         #: rlimit name -> value (hard and soft), applied before the uid changes.
         self.rlimits: dict[int, int] = {
             getattr(resource, name): int(value)
@@ -230,13 +237,15 @@ def _keep_only_control(control_fd: int, devnull: int) -> None:
     os.set_inheritable(CHILD_CONTROL_FD, False)
 
 
-def _fresh_mounts(tmpfs_bytes: int) -> None:
+def _fresh_mounts(config: Config) -> None:
     # A copy of the zygote's mount tree, private like it (made so in main): nothing mounted
     # here propagates anywhere, and nothing propagates in.
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-    scratch = f"size={tmpfs_bytes},mode=1777"
+    scratch = f"size={config.tmpfs_bytes},mode=1777"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, scratch)  # noqa: S108
+    for path, options in config.mounts:  # /input and /output, made while still root
+        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     _mount(
         "devpts",
@@ -343,8 +352,10 @@ def child_main(
         # zygote the first time in each child.
         _guest.C_SIGNAL.signal(_guest.C_SIGNAL.SIGCHLD, _guest.C_SIGNAL.SIG_DFL)
         _keep_only_control(control_fd, devnull)
-        _fresh_mounts(config.tmpfs_bytes)
+        _fresh_mounts(config)
         _drop_privileges(uid, config)
+        if config.home:
+            _guest.make_home(config.home)
         _guest.warm_up()
         out_w, err_w = _ready_streams()
         code = EXIT_NO_FDS
@@ -535,14 +546,29 @@ def _narrow_bounding_set() -> list[int]:
     return [kept for kept in range(64) if effective & (1 << kept)]
 
 
-def _prepare() -> None:
-    """Import, ahead of every child, what the guest runtime and common programs need."""
+def _prepare(site_dirs: list[str], preloads: list[str]) -> None:
+    """Import, ahead of every child, what the guest runtime and common programs need.
+
+    ``site_dirs`` (the sandbox venv's site-packages) go on the path first; ``preloads`` are
+    the operator's modules. One that fails to import ends the zygote with its traceback on
+    stderr, which the service reports as the reason it cannot start.
+    """
     global _guest
     # This folder is the package ``guest``: its parent goes on the path (``-I`` left it off).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     importlib.import_module("asyncio")  # a program that awaits should not pay its import
     _guest = importlib.import_module("guest.runtime")
+    _guest.add_site_dirs(site_dirs)
     _guest.prime()  # the request path specialised here, not again in every child
+    for name in preloads:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            import traceback
+
+            sys.stderr.write(f"preloading {name!r} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            os._exit(1)
     # Everything imported so far is shared with every child, copy-on-write: keep the cyclic
     # collector's generations (and their writes) off those pages in the children.
     gc.collect()
@@ -564,7 +590,7 @@ def main(argv: list[str]) -> None:
     # a walk of all its mounts per child.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     bounding_set = _narrow_bounding_set()
-    _prepare()
+    _prepare(list(raw.get("sys_path") or ()), list(raw.get("preload") or ()))
     global _RAW_FORK
     if len(os.listdir("/proc/self/task")) != 1:  # nothing here starts a thread, but check
         _RAW_FORK = False

@@ -21,6 +21,8 @@ from typing import Any
 from codemode.config import LimitsConfig
 from codemode.executor.guest.outcomes import ErrorType
 from codemode.executor.guest.protocol import ProtocolError, encode_frame
+from codemode.executor.run.files import read_outputs, write_inputs
+from codemode.executor.run.limits import guest_limits
 from codemode.executor.run.outcome import (
     ExecutionRequest,
     LimitHit,
@@ -111,8 +113,14 @@ async def run_execution(
     request: ExecutionRequest,
     call_tool: ToolCaller,
     on_output: OutputSink | None = None,
+    inputs: asyncio.Queue[tuple[str, bytes]] | None = None,
 ) -> RunOutcome:
-    """Run ``request`` in a fresh guest and return its outcome. Cancelling this kills the guest."""
+    """Run ``request`` in a fresh guest and return its outcome. Cancelling this kills the guest.
+
+    ``inputs`` brings the chunks of ``request.files``, in order, as (name, bytes); they are
+    written to the guest's ``/input`` before the program starts. Raises
+    :class:`~.files.FilesUnsupported` when the request has files and the backend no sandbox.
+    """
     started = time.perf_counter()
     limits = request.limits
     attached = await _attach(backend)
@@ -145,15 +153,25 @@ async def run_execution(
             watch.outputs.append(OutputPipe(fd, which, budget, output_limit, watch.queue))
         attached.stdout = attached.stderr = -1  # owned by the outputs now
         relay = GuestRelay(reader, writer, frozenset(request.tools), call_tool, limits)
-        relay_task = asyncio.create_task(relay.run())
-        exit_task = asyncio.create_task(guest.wait())
-        tasks.append(relay_task)
-        # The start frame goes last: the loop has nothing left to do once it has woken the
-        # guest, which the kernel may have placed on this very CPU.
-        writer.write(encode_frame(_start_header(request), request.code.encode()))
-        ended = await _first_end(writer, relay_task, exit_task, watch, request.timeout, limits)
+        ended: GuestDone | BaseException | None = await _upload(guest, request, inputs)
+        if ended is None:
+            relay_task = asyncio.create_task(relay.run())
+            exit_task = asyncio.create_task(guest.wait())
+            tasks.append(relay_task)
+            # The start frame goes last: the loop has nothing left to do once it has woken the
+            # guest, which the kernel may have placed on this very CPU.
+            header = _start_header(request, backend.memory_cgroup_bytes)
+            writer.write(encode_frame(header, request.code.encode()))
+            ended = await _first_end(writer, relay_task, exit_task, watch, request.timeout, limits)
+        files: list[tuple[str, bytes]] = []
+        if isinstance(ended, GuestDone) and ended.header.get("files"):
+            try:
+                files = await asyncio.to_thread(read_outputs, guest, limits.max_output_files_bytes)
+            except LimitHit as exc:
+                ended = exc
         relay.cancel_calls()
         if isinstance(ended, asyncio.IncompleteReadError | ConnectionError):
+            assert exit_task is not None  # set whenever the program was started
             ended = await _channel_lost(guest, exit_task, limits)
         guest.kill()
         # The guest flushed its streams before reporting: what it wrote is in the pipes now.
@@ -165,6 +183,7 @@ async def run_execution(
             # The outcome can overtake the output that broke the limit; the limit still wins.
             ended = watch.limit_hit.result()
         outcome = _outcome(ended, watch.outputs)
+        outcome.files = files
         outcome.duration_ms = (time.perf_counter() - started) * 1000
         outcome.tool_calls = relay.tool_calls
         if not outcome.success and not isinstance(ended, GuestDone):
@@ -193,13 +212,34 @@ async def run_execution(
         _reap_later(guest, exit_task)
 
 
-def _start_header(request: ExecutionRequest) -> dict[str, Any]:
+async def _upload(
+    guest: GuestProcess,
+    request: ExecutionRequest,
+    inputs: asyncio.Queue[tuple[str, bytes]] | None,
+) -> LimitHit | None:
+    """Write the request's input files into the guest, within its time limit."""
+    if not request.files:
+        return None
+    if inputs is None:
+        raise ValueError("a request with files needs a queue of their chunks")
+    try:
+        async with asyncio.timeout(request.timeout):
+            await write_inputs(guest, request.files, inputs)
+    except TimeoutError:
+        return LimitHit(
+            ErrorType.TIMEOUT,
+            f"the input files did not arrive within the {request.timeout:g} s time limit",
+        )
+    return None
+
+
+def _start_header(request: ExecutionRequest, memory_cgroup_bytes: int) -> dict[str, Any]:
     return {
         "t": "start",
         "tools": list(request.tools),
         "config": request.config,
         "context": request.context,
-        "limits": request.limits.model_dump(),
+        "limits": guest_limits(request.limits, memory_cgroup_bytes),
     }
 
 

@@ -19,6 +19,14 @@ Stream = Literal["stdout", "stderr"]
 
 
 @dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A file by name (one path component) and size in bytes."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExecutionRequest:
     """One validated execution: the program, what it may call and see, and its limits."""
 
@@ -30,6 +38,8 @@ class ExecutionRequest:
     context: dict[str, Any] = field(default_factory=dict)
     stream_output: bool = False
     correlation_id: str = ""
+    #: Placed read-only in ``/input`` before the program starts; their bytes come separately.
+    files: tuple[FileInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,8 @@ class RunOutcome:
     output_truncated: bool = False
     duration_ms: float = 0.0
     tool_calls: int = 0
+    #: The regular files the program left in ``/output``: (name, bytes), sorted by name.
+    files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class LimitHit(Exception):

@@ -10,6 +10,8 @@ paths and control protocol; never gRPC, the wire or the SDK.
 """
 
 from codemode.executor.sandbox.interface import (
+    INPUT_DIR,
+    OUTPUT_DIR,
     GuestExit,
     GuestFds,
     GuestProcess,
@@ -17,4 +19,12 @@ from codemode.executor.sandbox.interface import (
     SandboxBackend,
 )
 
-__all__ = ["GuestExit", "GuestFds", "GuestProcess", "ReadyGuest", "SandboxBackend"]
+__all__ = [
+    "INPUT_DIR",
+    "OUTPUT_DIR",
+    "GuestExit",
+    "GuestFds",
+    "GuestProcess",
+    "ReadyGuest",
+    "SandboxBackend",
+]

@@ -42,6 +42,7 @@ from typing import Unpack
 
 from codemode.config import LimitsConfig
 from codemode.executor.sandbox import cgroups
+from codemode.executor.sandbox.environment import HOME_TARGET
 from codemode.executor.sandbox.host import (
     SANDBOX_SHM,
     SANDBOX_TMP,
@@ -56,22 +57,38 @@ from codemode.executor.sandbox.host import (
     start_bwrap,
     whole_seconds,
 )
-from codemode.executor.sandbox.interface import GuestExit, GuestFds, GuestProcess
+from codemode.executor.sandbox.interface import (
+    INPUT_DIR,
+    OUTPUT_DIR,
+    GuestExit,
+    GuestFds,
+    GuestProcess,
+)
 from codemode.executor.sandbox.runtime import GUEST_MOUNT, RuntimeLayout, SandboxUnavailable
 
 logger = logging.getLogger("codemode.executor")
 
 #: Exit status of the launcher when it cannot join the execution's cgroup.
 LAUNCH_FAILED = 125
+#: How long a launched sandbox may take to report ready, seconds.
+_READY_TIMEOUT_S = 10.0
+#: How long the start-up check of the preloads may take, seconds.
+_PRELOAD_CHECK_TIMEOUT_S = 120.0
 
 
-def argv_head(bwrap: str, layout: RuntimeLayout, tmpfs_bytes: int) -> list[str]:
+def argv_head(bwrap: str, layout: RuntimeLayout, limits: LimitsConfig) -> list[str]:
     """bwrap's options for one sandbox up to its descriptors: namespaces and file system."""
-    tmpfs = str(tmpfs_bytes)
-    argv = bwrap_namespaces(bwrap) + bwrap_runtime(layout)
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    tmpfs = str(limits.tmpfs_bytes)
+    argv = [*bwrap_namespaces(bwrap), "--proc", "/proc", "--dev", "/dev"]
+    # The private /tmp first, so that a runtime path under the host's /tmp (a sandbox venv
+    # there, say) is bound over it rather than hidden by it.
     argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", SANDBOX_TMP]
     argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", SANDBOX_SHM]
+    argv += bwrap_runtime(layout)
+    argv += ["--perms", "0755", "--size", str(limits.max_input_bytes or 4096)]
+    argv += ["--tmpfs", INPUT_DIR]
+    argv += ["--perms", "01777", "--size", str(limits.max_output_files_bytes or 4096)]
+    argv += ["--tmpfs", OUTPUT_DIR]
     argv += ["--remount-ro", "/", "--chdir", SANDBOX_TMP]
     return argv
 
@@ -142,7 +159,7 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
     # -- setup ---------------------------------------------------------------------------
 
     def _prepared(self, bwrap: str, layout: RuntimeLayout) -> None:
-        self._argv_head = argv_head(bwrap, layout, self.limits.tmpfs_bytes)
+        self._argv_head = argv_head(bwrap, layout, self.limits)
         self._launcher = self._build_launcher(self._missing_controllers)
 
     def _build_launcher(self, missing_controllers: Iterable[str]) -> str:
@@ -164,13 +181,76 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
 
     # -- spawning ------------------------------------------------------------------------
 
+    def guest_options(self) -> list[str]:
+        """The guest's options: the venv's site-packages, the preloads, the home to create."""
+        options: list[str] = []
+        for site in self.site_dirs:
+            options += ["--path", site]
+        if self.preload_modules:
+            options += ["--preload", ",".join(self.preload_modules)]
+        return [*options, "--home", HOME_TARGET]
+
     def command(self, uid: int, seccomp_fd: int | None, info_fd: int, control_fd: int) -> list[str]:
         """The bwrap command line for one sandbox (without the launcher)."""
         assert self.layout is not None
-        program = ["-I", "-S", "-B", GUEST_MOUNT, "--fds-from", str(control_fd)]
+        program = ["-I", "-S", "-B", GUEST_MOUNT, *self.guest_options()]
+        program += ["--fds-from", str(control_fd)]
         return sandbox_argv(
             self._argv_head, self.layout, uid, program, seccomp_fd=seccomp_fd, info_fd=info_fd
         )
+
+    async def _warm_up(self) -> None:
+        """Import the preloads once in a sandbox like the guests': a failure stops the start.
+
+        A pooled guest that fails them only dies, unseen; this one's traceback is the error.
+        """
+        if not self.preload_modules:
+            return
+        assert self.layout is not None
+        uid = self._take_uid()
+        try:
+            program = ["-I", "-S", "-B", GUEST_MOUNT, *self.guest_options(), "--check"]
+            proc, info_r = await start_bwrap(
+                lambda seccomp_fd, info_fd: [
+                    "/bin/sh",
+                    "-c",
+                    self._launcher,
+                    "codemode-launch",
+                    "--",
+                    *sandbox_argv(
+                        self._argv_head,
+                        self.layout,  # type: ignore[arg-type]
+                        uid,
+                        program,
+                        seccomp_fd=seccomp_fd,
+                        info_fd=info_fd,
+                    ),
+                ],
+                [],
+                self._seccomp_bpf,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                async with asyncio.timeout(_PRELOAD_CHECK_TIMEOUT_S):
+                    _, pidfd = await child_pidfd(info_r, proc)  # bwrap waits for it to be read
+                    if pidfd is not None:
+                        os.close(pidfd)
+                    _, stderr = await proc.communicate()
+            except TimeoutError:
+                proc.kill()  # --die-with-parent takes the sandbox along
+                await proc.wait()
+                raise SandboxUnavailable(
+                    f"preloading {', '.join(self.preload_modules)} took longer than "
+                    f"{_PRELOAD_CHECK_TIMEOUT_S:g} s"
+                ) from None
+        finally:
+            self._give_uid(uid)
+        if proc.returncode != 0:
+            text = stderr.decode(errors="replace").strip()[-2000:]
+            raise SandboxUnavailable(
+                f"preloading {', '.join(self.preload_modules)} in the sandbox failed: "
+                f"{text or f'exit status {proc.returncode}'}"
+            )
 
     async def spawn(self, fds: GuestFds) -> GuestProcess:
         if self._closed:
@@ -180,7 +260,7 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
             guest = self._pool.popleft() if self._pool else await self._launch()
             self._schedule_refill()
             await guest._pid_known.wait()
-            if guest._hand_over(fds):
+            if await guest._until_ready() and guest._hand_over(fds):
                 return guest
             guest.kill()  # it died while waiting; its supervisor cleans up
         raise SandboxUnavailable("sandboxes die before they can be used; run `codemode doctor`")
@@ -240,7 +320,7 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
     async def _supervise(self, guest: _BwrapGuest, info_r: int, uid: int) -> GuestExit:
         """Learn the guest's host pid, wait for the end of everything, clean up."""
         try:
-            _, guest._pidfd = await child_pidfd(info_r, guest._proc)
+            guest.pid, guest._pidfd = await child_pidfd(info_r, guest._proc)
             guest._pid_known.set()
             if guest._kill_requested:
                 guest.kill()
@@ -291,16 +371,24 @@ class _BwrapGuest(HostGuest):
         self._outer_pidfd: int | None = None
         with contextlib.suppress(ProcessLookupError):
             self._outer_pidfd = os.pidfd_open(proc.pid)
+        self.pid = None
         self._pidfd = None
         self._pid_known = asyncio.Event()
         self._kill_requested = False
         self._finished: asyncio.Future[GuestExit] | None = None
         self._exited = asyncio.get_running_loop().create_future()
 
-    @property
-    def pid(self) -> int:
-        """The host pid of the outer bwrap process."""
-        return self._proc.pid
+    async def _until_ready(self) -> bool:
+        """Wait for the guest's ready byte (its sandbox is set up); False if it never comes."""
+        control = self._control
+        if control is None:
+            return False
+        control.setblocking(False)
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                return await asyncio.get_running_loop().sock_recv(control, 1) == b"R"
+        except (OSError, TimeoutError):
+            return False
 
     def _hand_over(self, fds: GuestFds) -> bool:
         """Give the waiting guest its channel, stdout and stderr; False if it is gone."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from codemode.config import ExecutorConfig
+from codemode.executor.sandbox.environment import GuestContents
 from codemode.executor.sandbox.interface import SandboxBackend
 from codemode.executor.sandbox.process import ProcessBackend
 
@@ -28,9 +29,14 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
     all require the kernel sandbox and refuse to fall back silently. Both sandbox backends rest
     on the same host properties (root, bwrap, seccomp, namespaces), which ``check_host`` probes.
     """
+    contents = GuestContents(
+        sandbox_venv=str(config.sandbox_venv) if config.sandbox_venv is not None else None,
+        preload=config.preload_modules,
+        sandbox_env=config.sandbox_env,
+    )
     if config.isolation == "process":
         logger.warning(PROCESS_WARNING)
-        return ProcessBackend()
+        return ProcessBackend(**contents)
     try:
         from codemode.executor.sandbox.bwrap import BwrapBackend
         from codemode.executor.sandbox.hostcheck import check_host
@@ -45,7 +51,7 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
             + "\nfix the above, or pass --isolation=process to run WITHOUT isolation"
         )
     if config.isolation == "bwrap":
-        return BwrapBackend(limits=config.limits)
+        return BwrapBackend(limits=config.limits, **contents)
     from codemode.executor.sandbox.forkserver import ForkServerBackend
 
-    return ForkServerBackend(limits=config.limits)
+    return ForkServerBackend(limits=config.limits, **contents)

@@ -54,6 +54,7 @@ from typing import Unpack
 from codemode.config import LimitsConfig
 from codemode.executor.guest import zygote as zygote_protocol
 from codemode.executor.sandbox import cgroups
+from codemode.executor.sandbox.environment import HOME_TARGET
 from codemode.executor.sandbox.host import (
     SANDBOX_SHM,
     SANDBOX_TMP,
@@ -63,12 +64,20 @@ from codemode.executor.sandbox.host import (
     bwrap_namespaces,
     bwrap_runtime,
     child_pidfd,
+    file_mounts,
     guest_exit,
     pidfd_kill,
     start_bwrap,
     whole_seconds,
 )
-from codemode.executor.sandbox.interface import GuestExit, GuestFds, GuestProcess, ReadyGuest
+from codemode.executor.sandbox.interface import (
+    INPUT_DIR,
+    OUTPUT_DIR,
+    GuestExit,
+    GuestFds,
+    GuestProcess,
+    ReadyGuest,
+)
 from codemode.executor.sandbox.runtime import GUEST_MOUNT, SandboxUnavailable
 
 logger = logging.getLogger("codemode.executor")
@@ -83,6 +92,8 @@ ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_
 _CRASH_WINDOW_S = 5.0
 _MAX_QUICK_CRASHES = 3
 _READY_TIMEOUT_S = 10.0
+#: … and this much more when it imports the operator's preloads first.
+_PRELOAD_TIMEOUT_S = 120.0
 _CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 #: Ancillary room for the ready byte: the sender's credentials and its two pipe read ends.
 _READY_ANCILLARY = socket.CMSG_SPACE(_CRED.size) + socket.CMSG_SPACE(2 * 4)
@@ -164,9 +175,17 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         argv += bwrap_runtime(layout)
         argv += ["--proc", "/proc", "--dev", "/dev"]
         # Mount points only: every guest mounts its own tmpfs over them.
-        argv += ["--perms", "0755", "--dir", SANDBOX_TMP, "--perms", "0755", "--dir", SANDBOX_SHM]
+        for mount_point in (SANDBOX_TMP, SANDBOX_SHM, INPUT_DIR, OUTPUT_DIR):
+            argv += ["--perms", "0755", "--dir", mount_point]
         argv += ["--remount-ro", "/", "--chdir", SANDBOX_TMP, "--info-fd", str(info_fd), "--"]
-        config = {"tmpfs_bytes": self.limits.tmpfs_bytes, "rlimits": self._rlimits()}
+        config = {
+            "tmpfs_bytes": self.limits.tmpfs_bytes,
+            "mounts": file_mounts(self.limits),
+            "rlimits": self._rlimits(),
+            "sys_path": self.site_dirs,
+            "preload": list(self.preload_modules),
+            "home": HOME_TARGET,
+        }
         argv += [
             layout.executable,
             "-I",
@@ -237,14 +256,18 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         loop.add_reader(ours.fileno(), self._on_zygote_message, zygote)
         zygote.gone = asyncio.ensure_future(self._supervise_zygote(zygote))
         try:
-            async with asyncio.timeout(_READY_TIMEOUT_S):
+            preloading = _PRELOAD_TIMEOUT_S if self.preload_modules else 0.0
+            async with asyncio.timeout(_READY_TIMEOUT_S + preloading):
                 await asyncio.shield(zygote.ready)
         except (TimeoutError, SandboxUnavailable) as exc:
             zygote.kill()
             with contextlib.suppress(Exception):
                 await zygote.gone
+            # Its whole stderr (a preload's traceback, say), not just the last line of it.
+            detail = str(exc) if isinstance(exc, SandboxUnavailable) else ""
             raise SandboxUnavailable(
-                f"the fork-server zygote did not start: {self.last_zygote_error or exc!r}"
+                f"the fork-server zygote did not start: "
+                f"{detail or self.last_zygote_error or repr(exc)}"
             ) from None
         return zygote
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -20,19 +21,35 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Callable, Sequence
-from typing import Generic, TypedDict, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Generic, TypeVar
 
 from codemode.config import LimitsConfig
 from codemode.executor.guest import GUEST_DIR
 from codemode.executor.sandbox import cgroups, seccomp
-from codemode.executor.sandbox.interface import GuestExit, GuestFds, GuestProcess, SandboxBackend
+from codemode.executor.sandbox.environment import (
+    GUEST_HOME,
+    HOME_TARGET,
+    GuestContents,
+    IdentityFiles,
+    guest_env,
+    zoneinfo_binds,
+)
+from codemode.executor.sandbox.interface import (
+    INPUT_DIR,
+    OUTPUT_DIR,
+    GuestExit,
+    GuestFds,
+    GuestProcess,
+    SandboxBackend,
+)
 from codemode.executor.sandbox.runtime import (
     GUEST_MOUNT,
     RuntimeLayout,
     SandboxUnavailable,
     discover_runtime,
 )
+from codemode.executor.sandbox.venv import SandboxVenv, inspect_venv
 
 logger = logging.getLogger("codemode.executor")
 
@@ -46,6 +63,21 @@ _INFO_TIMEOUT = 10.0
 # Paths inside the sandbox: private tmpfs mounts, not the host's shared directories.
 SANDBOX_TMP = "/tmp"  # noqa: S108
 SANDBOX_SHM = "/dev/shm"  # noqa: S108
+
+
+#: Inodes of each guest's /output (the service takes at most 4096 entries from it).
+_OUTPUT_INODES = 4100
+
+
+def file_mounts(limits: LimitsConfig) -> list[tuple[str, str]]:
+    """The private ``/input`` and ``/output`` of each guest: (path, tmpfs options)."""
+    return [
+        (INPUT_DIR, f"size={max(limits.max_input_bytes, 4096)},mode=0755"),
+        (
+            OUTPUT_DIR,
+            f"size={max(limits.max_output_files_bytes, 4096)},mode=1777,nr_inodes={_OUTPUT_INODES}",
+        ),
+    ]
 
 
 def whole_seconds(seconds: float) -> int:
@@ -75,12 +107,17 @@ def bwrap_namespaces(bwrap: str) -> list[str]:
 
 
 def bwrap_runtime(layout: RuntimeLayout) -> list[str]:
-    """bwrap's options for the read-only runtime file system, the guest folder included."""
+    """bwrap's options for the read-only runtime file system, the guest folder included, and
+    the guest's environment."""
     argv: list[str] = []
+    for name, value in layout.env:
+        argv += ["--setenv", name, value]
     for directory in layout.dirs:
         argv += ["--perms", "0755", "--dir", directory]
     for path in layout.binds:
         argv += ["--ro-bind", path, path]
+    for source, dest in layout.files:
+        argv += ["--ro-bind", source, dest]
     for dest, target in layout.symlinks:
         argv += ["--symlink", target, dest]
     for mask in layout.masks:
@@ -171,6 +208,8 @@ class HostGuest(GuestProcess):
 
     #: The host uid (and gid) the guest runs as; no other live guest has it.
     uid: int
+    #: The guest's host pid (pid 1 of its namespace), once known.
+    pid: int | None
     _control: socket.socket | None
     _pidfd: int | None
     _kill_requested: bool
@@ -190,6 +229,23 @@ class HostGuest(GuestProcess):
             self._close_control()
         return True
 
+    def open_dir(self, path: str) -> int:
+        """``path`` inside the sandbox, through ``/proc/PID/root``, checked to be this guest's.
+
+        The last component is not followed if it is a link. The guest is checked to be alive
+        (through its pidfd) after the open, so the pid cannot have been another process's.
+        """
+        if self.pid is None or self._pidfd is None:
+            raise OSError(errno.ESRCH, "the guest has not started")
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(f"/proc/{self.pid}/root{path}", flags)
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
@@ -202,7 +258,7 @@ class HostGuest(GuestProcess):
 _G = TypeVar("_G", bound=HostGuest)
 
 
-class BackendOptions(TypedDict, total=False):
+class BackendOptions(GuestContents, total=False):
     """What a bubblewrap-based backend takes besides its limits (see HostSandboxBackend)."""
 
     uid_base: int
@@ -234,6 +290,9 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         require_seccomp: bool = True,
         require_cgroups: bool = False,
         pool_size: int | None = None,
+        sandbox_venv: str | None = None,
+        preload: Sequence[str] = (),
+        sandbox_env: Mapping[str, str] | None = None,
     ) -> None:
         if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
             raise ValueError("uid_base/uid_count must name a range of non-root uids")
@@ -244,6 +303,12 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         self.require_seccomp = require_seccomp
         self.require_cgroups = require_cgroups
         self.pool_size = max(0, self.default_pool_size if pool_size is None else pool_size)
+        self.sandbox_venv = sandbox_venv
+        self.preload_modules = tuple(preload)
+        self.guest_env = guest_env(sandbox_env)  # checked here, before anything starts
+        #: The sandbox venv, once checked at start (None: the standard library only).
+        self.venv: SandboxVenv | None = None
+        self._identity: IdentityFiles | None = None
         self.layout: RuntimeLayout | None = None
         self.cgroup_support: cgroups.CgroupSupport | None = None
         self._cgroups: cgroups.BackendCgroups | None = None
@@ -283,7 +348,7 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         if bwrap is None:
             raise SandboxUnavailable("bwrap is missing (Debian package bubblewrap)")
         self._bwrap_path = bwrap
-        self.layout = discover_runtime()
+        self.layout = self._lay_out()
         try:
             self._seccomp_bpf = seccomp.build_filter_bpf()
         except seccomp.SeccompUnavailable as exc:
@@ -305,6 +370,34 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
 
     def _prepared(self, bwrap: str, layout: RuntimeLayout) -> None:
         """Build what depends on the prepared host (still in the thread). Default: nothing."""
+
+    def _lay_out(self) -> RuntimeLayout:
+        """The runtime, the sandbox venv, time zones, a passwd naming the uids, the home link."""
+        extra = zoneinfo_binds()
+        if self.sandbox_venv is not None:
+            self.venv = inspect_venv(self.sandbox_venv)
+            self.packages = tuple((p.name, p.version) for p in self.venv.packages)
+            extra += [self.venv.site_packages, *self.venv.libraries]
+        if self._identity is None:
+            self._identity = IdentityFiles(self.uid_base, self.uid_count)
+        return discover_runtime(
+            extra=extra,
+            files=self._identity.binds(),
+            symlinks=[(GUEST_HOME, HOME_TARGET)],
+            env=sorted(self.guest_env.items()),
+        )
+
+    @property
+    def site_dirs(self) -> list[str]:
+        """What a guest puts on ``sys.path`` besides the standard library."""
+        return [self.venv.site_packages] if self.venv is not None else []
+
+    @property
+    def memory_cgroup_bytes(self) -> int:
+        support = self.cgroup_support
+        if support is None or self._cgroups is None or "memory" in self._missing_controllers:
+            return 0
+        return self.limits.memory_bytes
 
     # -- uids ----------------------------------------------------------------------------
 
@@ -351,6 +444,9 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
             else:
                 logger.warning("could not remove the sandbox cgroups of this backend")
             self._cgroups = None
+        if self._identity is not None:
+            self._identity.remove()
+            self._identity = None
 
     async def _stop_guests(self) -> None:
         """Kill every guest still alive and wait until each is cleaned up."""
@@ -366,6 +462,8 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
             "seccomp": "on" if self._seccomp_bpf else f"OFF ({self.seccomp_problem})",
             "cgroups": ", ".join(controllers) or "none (rlimits only)",
             "cgroup_problems": "; ".join(support.problems) if support else "",
+            "sandbox_venv": self.venv.root if self.venv is not None else "none",
+            "preload": ",".join(self.preload_modules) or "none",
         }
 
 

@@ -1,27 +1,35 @@
 """What isolation this host gives the bwrap backend: one :class:`Check` per property.
 
-Used by ``codemode doctor`` (prints every check) and ``codemode serve`` (refuses to start with
-the kernel sandbox when a *required* check fails). A failed optional check degrades a limit
+Used by ``codemode doctor`` (prints every check, and what programs can import:
+:func:`contents_checks`) and ``codemode serve`` (refuses to start with the kernel sandbox when a
+*required* check fails). A failed optional check degrades a limit
 (e.g. no memory cgroup: the guest's ``RLIMIT_AS`` is the memory bound). Runs in well under a
 second: the one real probe starts a single sandbox the way the backend does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from codemode.config import LimitsConfig
 from codemode.executor.sandbox import cgroups, seccomp
-from codemode.executor.sandbox.bwrap import argv_head, sandbox_argv
+from codemode.executor.sandbox.bwrap import BwrapBackend, argv_head, sandbox_argv
+from codemode.executor.sandbox.environment import zoneinfo_binds
 from codemode.executor.sandbox.host import DEFAULT_UID_BASE
-from codemode.executor.sandbox.runtime import RuntimeLayout, discover_runtime
+from codemode.executor.sandbox.interface import SandboxBackend
+from codemode.executor.sandbox.process import ProcessBackend
+from codemode.executor.sandbox.runtime import RuntimeLayout, SandboxUnavailable, discover_runtime
+from codemode.executor.sandbox.venv import Package, SandboxVenv, VenvError, inspect_venv
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +178,7 @@ def _sandbox_probe(bwrap: str, *, with_seccomp: bool) -> list[Check]:
         read_fd, write_fd = os.pipe()
         os.write(write_fd, seccomp.build_filter_bpf())
         os.close(write_fd)
-    head = argv_head(bwrap, layout, LimitsConfig().tmpfs_bytes)
+    head = argv_head(bwrap, layout, LimitsConfig())
     argv = sandbox_argv(
         head, layout, DEFAULT_UID_BASE, ["-I", "-S", "-B", "-c", _PROBE], seccomp_fd=read_fd
     )
@@ -242,3 +250,81 @@ def _outcome(value: object) -> str:
     if isinstance(value, int):
         return f"refused ({errno.errorcode.get(value, value)})"
     return str(value)
+
+
+def contents_checks(
+    sandbox_venv: str | None, preload: Sequence[str], *, sandboxed: bool
+) -> tuple[list[Check], tuple[Package, ...]]:
+    """What programs can import: the sandbox venv checked, the preloads imported in a sandbox
+    made as the backends make theirs (``sandboxed``; else in a plain process), time zones.
+
+    Returns the checks and the venv's packages.
+    """
+    checks: list[Check] = []
+    packages: tuple[Package, ...] = ()
+    venv: SandboxVenv | None = None
+    if sandbox_venv is not None:
+        try:
+            venv = inspect_venv(sandbox_venv)
+        except VenvError as exc:
+            checks.append(Check("sandbox venv", False, str(exc), "make the venv as it says"))
+        else:
+            packages = venv.packages
+            checks.append(
+                Check(
+                    "sandbox venv",
+                    True,
+                    f"{venv.root}: site-packages bound read-only, {len(packages)} packages, "
+                    f"{len(venv.libraries)} host libraries for their extensions",
+                )
+            )
+    else:
+        checks.append(
+            Check(
+                "sandbox venv",
+                True,
+                "none: programs import the standard library only",
+                "--sandbox-venv DIR (a venv made with this Python) for third-party packages",
+                required=False,
+            )
+        )
+    if preload and (venv is not None or sandbox_venv is None):
+        checks.append(asyncio.run(_preload_check(sandbox_venv, preload, sandboxed=sandboxed)))
+    zoneinfo = zoneinfo_binds()
+    has_tzdata = any(p.name.lower() == "tzdata" for p in packages)
+    checks.append(
+        Check(
+            "time zones",
+            bool(zoneinfo) or has_tzdata,
+            f"{zoneinfo[0]} bound read-only"
+            if zoneinfo
+            else ("tzdata from the sandbox venv" if has_tzdata else "no time-zone database"),
+            "apt-get install tzdata, or pip install tzdata into the sandbox venv",
+            required=False,
+        )
+    )
+    return checks, packages
+
+
+async def _preload_check(
+    sandbox_venv: str | None, preload: Sequence[str], *, sandboxed: bool
+) -> Check:
+    """Import ``preload`` as the one-shot backend checks it at start, and time it."""
+    backend: SandboxBackend
+    if sandboxed:
+        backend = BwrapBackend(sandbox_venv=sandbox_venv, preload=preload, pool_size=0)
+    else:
+        backend = ProcessBackend(sandbox_venv=sandbox_venv, preload=preload)
+    started = time.perf_counter()
+    try:
+        await backend.start()
+    except SandboxUnavailable as exc:
+        return Check("preload", False, str(exc), "install the module into the sandbox venv")
+    finally:
+        await backend.close()
+    where = "in a sandbox" if sandboxed else "in a plain process"
+    return Check(
+        "preload",
+        True,
+        f"{', '.join(preload)} imported {where} in {time.perf_counter() - started:.1f} s",
+    )

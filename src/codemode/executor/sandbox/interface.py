@@ -14,6 +14,18 @@ import abc
 import socket
 from dataclasses import dataclass
 
+from codemode.executor.guest.protocol import INPUT_DIR, OUTPUT_DIR
+
+__all__ = [
+    "INPUT_DIR",
+    "OUTPUT_DIR",
+    "GuestExit",
+    "GuestFds",
+    "GuestProcess",
+    "ReadyGuest",
+    "SandboxBackend",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class GuestFds:
@@ -45,6 +57,14 @@ class GuestProcess(abc.ABC):
     def kill(self) -> None:
         """Kill every process of this execution at once. Safe to call more than once."""
 
+    def open_dir(self, path: str) -> int | None:
+        """A descriptor on directory ``path`` of the guest's own file system, for the service.
+
+        None where the guest has no private file system (it then has no ``/input`` or
+        ``/output``). Raises ``OSError`` when the directory cannot be opened.
+        """
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class ReadyGuest:
@@ -65,6 +85,15 @@ class SandboxBackend(abc.ABC):
     name: str = "abstract"
     #: True when the backend gives the isolation properties of the design (namespaces etc.).
     isolated: bool = False
+    #: What programs can import besides the standard library, known once started: the sandbox
+    #: venv's distributions as (name, version), and the modules every guest has preloaded.
+    packages: tuple[tuple[str, str], ...] = ()
+    preload_modules: tuple[str, ...] = ()
+
+    @property
+    def memory_cgroup_bytes(self) -> int:
+        """The memory a cgroup holds each guest to (real use, bytes), or 0 where none does."""
+        return 0
 
     async def start(self) -> None:  # noqa: B027 - optional hook, nothing to warm by default
         """Prepare the backend (warm pools, check the host). Default: nothing."""

@@ -2,7 +2,10 @@
 
 :func:`discover_runtime` finds this interpreter, its standard library, the shared libraries
 they load (``ldd``) and ``setpriv``, resolving every symlink, so that a sandbox can bind exactly
-these read-only and nothing else of the host. site-packages is hidden behind an empty tmpfs.
+these read-only and nothing else of the host. The interpreter's own site-packages is hidden
+behind an empty tmpfs. A backend adds what its guests need besides (the sandbox venv's
+site-packages and libraries, the time-zone database, generated ``/etc/passwd``), and the
+environment every guest starts with.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class RuntimeLayout:
     symlinks: tuple[tuple[str, str], ...]  # (path in sandbox, link target)
     masks: tuple[str, ...]  # directories hidden behind an empty read-only tmpfs
     setpriv: str
+    #: Host files bound read-only at another path: (host path, path in sandbox).
+    files: tuple[tuple[str, str], ...] = ()
+    #: The guest's environment besides ``LANG`` (bwrap starts from an empty one).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _resolve(path: str, links: dict[str, str], depth: int = 0) -> str:
@@ -54,7 +61,7 @@ def _resolve(path: str, links: dict[str, str], depth: int = 0) -> str:
     return current
 
 
-def _ldd(paths: Sequence[str]) -> set[str]:
+def shared_libraries(paths: Sequence[str]) -> set[str]:
     """Shared objects (absolute paths) that ``paths`` load, as the dynamic loader resolves them."""
     ldd = shutil.which("ldd")
     if ldd is None:
@@ -76,8 +83,20 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def discover_runtime(executable: str | None = None) -> RuntimeLayout:
-    """Lay out this interpreter, its standard library and shared libraries, and setpriv."""
+def discover_runtime(
+    executable: str | None = None,
+    *,
+    extra: Sequence[str] = (),
+    files: Sequence[tuple[str, str]] = (),
+    symlinks: Sequence[tuple[str, str]] = (),
+    env: Sequence[tuple[str, str]] = (),
+) -> RuntimeLayout:
+    """Lay out this interpreter, its standard library and shared libraries, and setpriv.
+
+    ``extra``: more host files or directories to bind read-only at their own path (resolved
+    like the runtime's); ``files``: (host file, path in sandbox) binds; ``symlinks``: (path in
+    sandbox, target) links to make; ``env``: (name, value) pairs of the guest's environment.
+    """
     exe = os.path.realpath(executable or sys.executable)
     stdlib = sysconfig.get_path("stdlib")
     dynload = sysconfig.get_config_var("DESTSHARED") or os.path.join(stdlib, "lib-dynload")
@@ -88,7 +107,7 @@ def discover_runtime(executable: str | None = None) -> RuntimeLayout:
         raise SandboxUnavailable(f"no standard library found at {stdlib}")
     extensions = sorted(str(p) for p in Path(dynload).glob("*.so"))
     links: dict[str, str] = {}
-    wanted = {exe, setpriv, stdlib, *_ldd([exe, setpriv, *extensions])}
+    wanted = {exe, setpriv, stdlib, *shared_libraries([exe, setpriv, *extensions]), *extra}
     real = {_resolve(p, links) for p in wanted}
     exe_real, setpriv_real = _resolve(exe, links), _resolve(setpriv, links)
     dir_binds = sorted(p for p in real if os.path.isdir(p))
@@ -100,7 +119,8 @@ def discover_runtime(executable: str | None = None) -> RuntimeLayout:
         path = os.path.join(_resolve(stdlib, links), candidate)
         if os.path.isdir(path):
             masks.append(path)
-    placed = [*binds, *links, os.path.dirname(GUEST_MOUNT)]
+    made = dict(symlinks)
+    placed = [*binds, *links, *made, *(dest for _, dest in files), os.path.dirname(GUEST_MOUNT)]
     dirs: set[str] = set()
     for path in placed:
         parent = os.path.dirname(path)
@@ -113,7 +133,9 @@ def discover_runtime(executable: str | None = None) -> RuntimeLayout:
         executable=exe_real if os.path.exists(exe_real) else exe,
         dirs=tuple(sorted(dirs, key=lambda d: (d.count("/"), d))),
         binds=tuple(binds),
-        symlinks=tuple(sorted(links.items())),
+        symlinks=tuple(sorted({**links, **made}.items())),
         masks=tuple(masks),
         setpriv=setpriv_real,
+        files=tuple(files),
+        env=tuple(env),
     )

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -23,20 +23,35 @@ import grpc.aio
 
 from codemode._version import __version__
 from codemode.config import ExecutorConfig
+from codemode.config._defaults import FILE_CHUNK_BYTES
 from codemode.executor.run.execution import run_execution
-from codemode.executor.run.outcome import ExecutionRequest, RunOutcome, Stream, ToolReply
+from codemode.executor.run.outcome import (
+    ExecutionRequest,
+    FileInfo,
+    RunOutcome,
+    Stream,
+    ToolReply,
+)
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.sandbox.factory import PROCESS_WARNING
 from codemode.executor.service.admission import Admission, Overloaded
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
-from codemode.wire.names import CORRELATION_ID, NOT_STARTED_TRAILER, ErrorType
+from codemode.wire.names import (
+    CORRELATION_ID,
+    MAX_INPUT_FILES,
+    NOT_STARTED_TRAILER,
+    ErrorType,
+    file_name_problem,
+)
 
 logger = logging.getLogger("codemode.executor")
 
 #: How long a client may take to send the start frame after opening the stream, seconds.
 START_FRAME_TIMEOUT_S = 10.0
 _STREAMS = {"stdout": pb.Output.STDOUT, "stderr": pb.Output.STDERR}
+#: Input file chunks read ahead of the writes into the guest (backpressure on the stream).
+_QUEUED_CHUNKS = 4
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
@@ -68,6 +83,11 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             max_execution_timeout_seconds=self._config.max_execution_timeout,
             max_concurrent_executions=self._config.max_concurrent_executions,
             running_executions=self._admission.running,
+            packages=[
+                pb.InfoResponse.Package(name=name, version=version)
+                for name, version in self._backend.packages
+            ],
+            preload_modules=list(self._backend.preload_modules),
         )
 
     # Frames are written with context.write (not yielded) so that tool calls and output from
@@ -98,6 +118,12 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         except ValueError as exc:
             logger.info("refused a malformed request: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.files and not self._backend.isolated:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this executor runs programs without a sandbox (isolation=process), which has "
+                "no /input or /output: files need --isolation forkserver or bwrap",
+            )
         if not self.accepting:
             await _abort_not_started(
                 context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down"
@@ -123,7 +149,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 grpc.StatusCode.INTERNAL, f"executor failed to run the program: {exc}"
             )
         try:
-            await context.write(pb.ServerFrame(result=result))
+            for frame in _file_frames(result):
+                await context.write(frame)
+            await context.write(pb.ServerFrame(result=to_wire(result, cid)))
         finally:
             # Logged once the result is on its way, so the client does not wait for the line;
             # also when the client, having read it, cancels the stream while the write ends.
@@ -158,15 +186,18 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         for name, value in requested.items():
             if value < 0:
                 raise ValueError(f"limit {name} must not be negative")
+        limits = self._config.limits.lowered(requested)
+        files = _check_files(start.files, limits.max_input_bytes)
         return ExecutionRequest(
             code=start.code,
             tools=tuple(names),
             timeout=min(timeout, self._config.max_execution_timeout),
-            limits=self._config.limits.lowered(requested),
+            limits=limits,
             config=decode_json_object(start.config_json, "config"),
             context=decode_json_object(start.context_json, "context"),
             stream_output=start.stream_output,
             correlation_id=cid,
+            files=files,
         )
 
     async def _run(
@@ -174,7 +205,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request: ExecutionRequest,
         frames: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
-    ) -> pb.ExecutionResult:
+    ) -> RunOutcome:
         pending: dict[str, asyncio.Future[pb.ToolResult]] = {}
         ids = itertools.count(1)
         write_lock = asyncio.Lock()
@@ -197,27 +228,33 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         async def on_output(stream: Stream, data: bytes) -> None:
             await write(pb.ServerFrame(output=pb.Output(stream=_STREAMS[stream], data=data)))
 
+        if request.files:
+            # Admitted: the client waits for this before it sends the files' bytes.
+            await context.send_initial_metadata(())
+        inputs: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_QUEUED_CHUNKS)
         execution = asyncio.create_task(
             run_execution(
                 self._backend,
                 request,
                 call_tool,
                 on_output if request.stream_output else None,
+                inputs,
             )
         )
-        reader = asyncio.create_task(_read_client(frames, pending, execution))
+        reader = asyncio.create_task(
+            _read_client(frames, pending, execution, _FileChunks(request.files, inputs))
+        )
         try:
-            return to_wire(await execution, request.correlation_id)
+            return await execution
         except asyncio.CancelledError:
             if not reader.done() or reader.cancelled():
                 raise
             if isinstance(reader.exception(), _ClientProtocolError):
                 raise reader.exception() from None  # type: ignore[misc]
             if reader.result() == "cancel":
-                return pb.ExecutionResult(
+                return RunOutcome(
                     error_type=ErrorType.CANCELLED,
                     error_message="the application cancelled the execution",
-                    correlation_id=request.correlation_id,
                 )
             raise
         finally:
@@ -241,7 +278,64 @@ def to_wire(outcome: RunOutcome, correlation_id: str) -> pb.ExecutionResult:
         correlation_id=correlation_id,
         tool_calls=outcome.tool_calls,
         output_truncated=outcome.output_truncated,
+        files=[pb.FileInfo(name=name, size=len(data)) for name, data in outcome.files],
     )
+
+
+def _file_frames(outcome: RunOutcome) -> Iterator[pb.ServerFrame]:
+    """The output files' chunks, sent before the result that lists them."""
+    for name, data in outcome.files:
+        for at in range(0, len(data), FILE_CHUNK_BYTES):
+            chunk = pb.FileChunk(name=name, data=data[at : at + FILE_CHUNK_BYTES])
+            yield pb.ServerFrame(file=chunk)
+
+
+def _check_files(files: Sequence[pb.FileInfo], limit: int) -> tuple[FileInfo, ...]:
+    """The declared input files, checked; raises ``ValueError``."""
+    if len(files) > MAX_INPUT_FILES:
+        raise ValueError(f"{len(files)} input files; at most {MAX_INPUT_FILES} are accepted")
+    names = set()
+    for info in files:
+        problem = file_name_problem(info.name)
+        if problem is not None:
+            raise ValueError(f"input file: {problem}")
+        if info.name in names:
+            raise ValueError(f"input file {info.name!r} is declared twice")
+        if info.size < 0:
+            raise ValueError(f"input file {info.name!r} has a negative size")
+        names.add(info.name)
+    total = sum(info.size for info in files)
+    if total > limit:
+        raise ValueError(
+            f"the input files are {total} bytes; this executor's limit is {limit} "
+            "(limits.max_input_bytes)"
+        )
+    return tuple(FileInfo(info.name, info.size) for info in files)
+
+
+class _FileChunks:
+    """Checks the client's file chunks against the declared files and queues them in order."""
+
+    def __init__(
+        self, files: tuple[FileInfo, ...], queue: asyncio.Queue[tuple[str, bytes]]
+    ) -> None:
+        #: (name, bytes still to come) of the files still open, the next one last.
+        self._todo = [(f.name, f.size) for f in reversed(files) if f.size > 0]
+        self._queue = queue
+
+    async def put(self, chunk: pb.FileChunk) -> None:
+        if not self._todo:
+            raise _ClientProtocolError(f"a chunk of file {chunk.name!r}, which was not declared")
+        name, left = self._todo.pop()
+        size = len(chunk.data)
+        if chunk.name != name or size > left or size > FILE_CHUNK_BYTES:
+            raise _ClientProtocolError(
+                f"file chunk for {chunk.name!r} ({size} bytes) does not follow the declared "
+                f"files (next: {name!r}, {left} bytes left)"
+            )
+        if size < left:
+            self._todo.append((name, left - size))
+        await self._queue.put((chunk.name, chunk.data))
 
 
 def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -265,12 +359,15 @@ async def _read_client(
     frames: AsyncIterator[pb.ClientFrame],
     pending: dict[str, asyncio.Future[pb.ToolResult]],
     execution: asyncio.Task[Any],
+    files: _FileChunks,
 ) -> str:
-    """Route tool results to their calls; a cancel frame or a protocol error stops the execution."""
+    """Route file chunks and tool results; a cancel frame or a protocol error stops the run."""
     try:
         async for frame in frames:
             kind = frame.WhichOneof("frame")
-            if kind == "tool_result":
+            if kind == "file":
+                await files.put(frame.file)
+            elif kind == "tool_result":
                 future = pending.pop(frame.tool_result.call_id, None)
                 if future is None:
                     raise _ClientProtocolError(
