@@ -30,6 +30,10 @@ if TYPE_CHECKING:
         ExecutorTimeoutError,
         InvalidRequestError,
         RuntimeContext,
+        Session,
+        SessionClosedError,
+        SessionExpiredError,
+        SessionLostError,
     )
     from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
     from codemode.tools import tool
@@ -54,6 +58,10 @@ _EXPORTS = {
     "OutputEvent": "codemode.core.results",
     "ResultEvent": "codemode.core.results",
     "RuntimeContext": "codemode.core",
+    "Session": "codemode.core",
+    "SessionClosedError": "codemode.core",
+    "SessionExpiredError": "codemode.core",
+    "SessionLostError": "codemode.core",
     "ToolCallEvent": "codemode.core.results",
     "ToolResultEvent": "codemode.core.results",
     "tool": "codemode.tools",
@@ -78,6 +86,10 @@ __all__ = [
     "OutputEvent",
     "ResultEvent",
     "RuntimeContext",
+    "Session",
+    "SessionClosedError",
+    "SessionExpiredError",
+    "SessionLostError",
     "ToolCallEvent",
     "ToolResultEvent",
     "__version__",

@@ -155,3 +155,51 @@ async def test_failed_program_is_feedback_not_an_exception(shop: Codemode) -> No
     """A program that fails gives the agent its error and traceback as the tool's answer."""
     text = await shop.as_crewai_tool().arun(code="tools.get_order()")
     assert text.startswith("error: TypeError: tools.get_order() missing required argument")
+
+
+class TwoStepLLM(ScriptedLLM):
+    """Runs a program that keeps a variable, then one that uses it, then answers."""
+
+    def call(self, messages: Any, *args: Any, **kwargs: Any) -> str:
+        text = (
+            messages
+            if isinstance(messages, str)
+            else "\n".join(str(m.get("content", "")) for m in messages)
+        )
+        if "result: 100.0" not in text:
+            code = "kept = tools.get_order(order_id='A1')['total_usd']\nresult = kept"
+        elif "result: 200.0" not in text and "NameError" not in text:
+            code = "result = kept * 2"
+        else:
+            last = "result: 200.0" if "result: 200.0" in text else "NameError"
+            return f"Thought: done.\nFinal Answer: {last}"
+        action = json.dumps({"code": code})
+        return f"Thought: next step.\nAction: codemode\nAction Input: {action}"
+
+
+def make_two_step_crew(codemode_tool: BaseTool) -> Crew:
+    agent = Agent(
+        role="Order clerk",
+        goal="Answer questions about orders",
+        backstory="Writes Python against the shop's tools, step by step.",
+        llm=TwoStepLLM(model="scripted"),
+        tools=[codemode_tool],
+    )
+    task = Task(description="Double order A1's total.", expected_output="A number", agent=agent)
+    return Crew(agents=[agent], tasks=[task])
+
+
+async def test_agent_steps_share_a_session(shop: Codemode) -> None:
+    """With a session, the second program of the agent uses the first one's variable."""
+    async with shop.session() as session:
+        with shop.with_context(customer="c-9"):
+            output = await make_two_step_crew(shop.as_crewai_tool(session=session)).kickoff_async()
+    assert output.raw == "result: 200.0"
+    assert SEEN == [("get_order", "c-9")]
+
+
+async def test_without_a_session_the_variable_is_gone(shop: Codemode) -> None:
+    """The control: without a session the second program fails with NameError."""
+    with shop.with_context(customer="c-9"):
+        output = await make_two_step_crew(shop.as_crewai_tool()).kickoff_async()
+    assert output.raw == "NameError"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,3 +105,57 @@ async def test_direct_invoke_inside_a_running_loop(warehouse: Codemode) -> None:
     assert lc_tool.invoke({"code": PROGRAM}) == EXPECTED
     assert await lc_tool.ainvoke({"code": "result = 1"}) == "result: 1"
     assert ("price", "fixed") in SEEN
+
+
+STEPS = (
+    "total = tools.stock(sku='X') + tools.stock(sku='Y')\nresult = total",
+    "result = total * 2",
+)
+
+
+def two_step_model() -> ToolCallingFakeModel:
+    """Two programs, the second using what the first left in the sandbox."""
+    calls = [
+        AIMessage(content="", tool_calls=[{"name": "codemode", "args": {"code": c}, "id": i}])
+        for i, c in (("call-1", STEPS[0]), ("call-2", STEPS[1]))
+    ]
+    return ToolCallingFakeModel(messages=iter([*calls, AIMessage(content="done")]))
+
+
+def tool_answers(messages: list[Any]) -> list[str]:
+    return [str(m.content) for m in messages if isinstance(m, ToolMessage)]
+
+
+async def test_agent_steps_share_a_session(warehouse: Codemode) -> None:
+    """With a session, the agent's second program sees the first one's variables."""
+    async with warehouse.session() as session:
+        agent = create_react_agent(two_step_model(), [warehouse.as_langchain_tool(session=session)])
+        with warehouse.with_context(warehouse="east"):
+            out = await agent.ainvoke({"messages": [("user", "Total, doubled?")]})
+        assert tool_answers(out["messages"]) == ["result: 7", "result: 14"]
+        # The sync path, from a framework thread, runs on the session's loop too.
+        sync_agent = create_react_agent(
+            two_step_model(), [warehouse.as_langchain_tool(session=session)]
+        )
+        with warehouse.with_context(warehouse="east"):
+            out = await asyncio.to_thread(sync_agent.invoke, {"messages": [("user", "Again?")]})
+        assert tool_answers(out["messages"]) == ["result: 7", "result: 14"]
+
+
+async def test_without_a_session_the_second_step_fails(warehouse: Codemode) -> None:
+    """The control: without a session the second program has no ``total``."""
+    agent = create_react_agent(two_step_model(), [warehouse.as_langchain_tool()])
+    with warehouse.with_context(warehouse="east"):
+        out = await agent.ainvoke({"messages": [("user", "Total, doubled?")]})
+    first, second = tool_answers(out["messages"])
+    assert first == "result: 7"
+    assert "NameError" in second
+
+
+async def test_blocking_call_on_the_sessions_own_loop_is_refused(warehouse: Codemode) -> None:
+    """A sync invoke from the thread running the session's loop would deadlock: it raises."""
+    async with warehouse.session() as session:
+        lc_tool = warehouse.as_langchain_tool(session=session)
+        with pytest.raises(RuntimeError, match="async API"):
+            lc_tool.invoke({"code": "result = 1"})
+        assert await lc_tool.ainvoke({"code": "result = 1"}) == "result: 1"

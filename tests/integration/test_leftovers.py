@@ -79,3 +79,34 @@ async def test_every_kind_of_ending_leaves_nothing_behind(
             wait_until, lambda: _snapshot(server) == before and before, 10.0
         )
     assert after == before, f"before {before}, after {_snapshot(server)}"
+
+
+async def test_sessions_leave_nothing_behind(
+    server: ServerProcess, make_config: Callable[..., ClientConfig]
+) -> None:
+    """Sessions closed, lost to a limit, cancelled or dropped leave the server as before."""
+    async with Codemode.from_client_config(make_config(timeout=1.0)) as codemode:
+        await codemode.run_async("result = 1")
+        await asyncio.sleep(0.5)
+        before = _snapshot(server)
+        for _ in range(2):
+            async with codemode.session() as closed:
+                await closed.execute_async(ENDINGS["children left running"])
+            for code in (ENDINGS["timeout"], ENDINGS["crash"], ENDINGS["output limit"]):
+                async with codemode.session() as lost:
+                    await lost.execute_async("x = 1")
+                    ended = await lost.run_async(code, execution_timeout=1.0)
+                    assert not ended.session_alive
+            cancelled = await codemode.client.open_session()
+            task = asyncio.create_task(cancelled.execute_async("import time\ntime.sleep(30)"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            dropped = await codemode.client.open_session()  # never closed: its stream is cut
+            await dropped.execute_async(ENDINGS["children left running"])
+            dropped._call.cancel()
+        after = await asyncio.to_thread(
+            wait_until, lambda: _snapshot(server) == before and before, 10.0
+        )
+    assert after == before, f"before {before}, after {_snapshot(server)}"

@@ -31,6 +31,10 @@ def test_codemode_exports() -> None:
         "OutputEvent",
         "ResultEvent",
         "RuntimeContext",
+        "Session",
+        "SessionClosedError",
+        "SessionExpiredError",
+        "SessionLostError",
         "ToolCallEvent",
         "ToolResultEvent",
         "__version__",
@@ -59,6 +63,10 @@ def test_core_exports() -> None:
         "InvalidRequestError",
         "RetryPolicy",
         "RuntimeContext",
+        "Session",
+        "SessionClosedError",
+        "SessionExpiredError",
+        "SessionLostError",
     ]
     for name in codemode.core.__all__:
         assert getattr(codemode.core, name) is not None

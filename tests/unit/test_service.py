@@ -252,6 +252,7 @@ def test_to_wire_copies_every_outcome_field() -> None:
         duration_ms=12.5,
         tool_calls=3,
         files=[("report.csv", b"a,b\n")],
+        session_alive=True,
     )
     defaults = RunOutcome()
     wire = to_wire(outcome, "cid-9")

@@ -32,6 +32,12 @@ QUEUE_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 MAX_EXECUTION_TIMEOUT_S = 300.0
 
+# Service: sessions (a sandbox kept between executions).
+MAX_SESSIONS = 16
+SESSION_TTL_S = 600.0
+MAX_SESSION_TTL_S = 3600.0
+SESSION_IDLE_TIMEOUT_S = 300.0
+
 # Service: per-execution limits (a request may only lower them).
 CPU_SECONDS = 30.0
 MEMORY_BYTES = 512 * 1024 * 1024

@@ -81,6 +81,18 @@ class ExecutorConfig(YamlSettings):
     default_execution_timeout: float = Field(default=d.EXECUTION_TIMEOUT_S, gt=0)
     max_execution_timeout: float = Field(default=d.MAX_EXECUTION_TIMEOUT_S, gt=0)
     max_code_bytes: int = Field(default=4 * d.MAX_CODE_LENGTH, gt=0)
+    max_sessions: int = Field(
+        default=d.MAX_SESSIONS,
+        ge=0,
+        description="Sessions open at once (each holds a sandbox); more are refused.",
+    )
+    default_session_ttl: float = Field(default=d.SESSION_TTL_S, gt=0)
+    max_session_ttl: float = Field(default=d.MAX_SESSION_TTL_S, gt=0)
+    session_idle_timeout: float = Field(
+        default=d.SESSION_IDLE_TIMEOUT_S,
+        gt=0,
+        description="A session with no execution for this long ends, seconds.",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sandbox_venv: Path | None = Field(
         default=None,

@@ -11,6 +11,9 @@ from codemode.core.errors import (
     ExecutorRequestError,
     ExecutorTimeoutError,
     InvalidRequestError,
+    SessionClosedError,
+    SessionExpiredError,
+    SessionLostError,
 )
 from codemode.core.executor_client import ExecutorClient
 from codemode.core.registry import (
@@ -20,6 +23,7 @@ from codemode.core.registry import (
 )
 from codemode.core.results import ExecutionResult
 from codemode.core.retry import RetryPolicy
+from codemode.core.session import Session
 
 __all__ = [
     "Codemode",
@@ -38,4 +42,8 @@ __all__ = [
     "InvalidRequestError",
     "RetryPolicy",
     "RuntimeContext",
+    "Session",
+    "SessionClosedError",
+    "SessionExpiredError",
+    "SessionLostError",
 ]

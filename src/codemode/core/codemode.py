@@ -10,11 +10,10 @@ from codemode.config import ClientConfig
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
 from codemode.core.context import ContextScope, RuntimeContext
-from codemode.core.errors import ExecutionError, ExecutorTimeoutError
 from codemode.core.executor_client import ExecutorClient, run_sync
 from codemode.core.registry import ComponentRegistry
-from codemode.core.results import ExecutionEvent, ExecutionResult
-from codemode.wire.names import ErrorType
+from codemode.core.results import ExecutionEvent, ExecutionResult, unwrap
+from codemode.core.session import Session
 
 
 class Codemode(Closing):
@@ -174,6 +173,17 @@ class Codemode(Closing):
             )
         )
 
+    def session(
+        self, *, ttl: float | None = None, limits: Mapping[str, float] | None = None
+    ) -> Session:
+        """A sandbox kept between executions, with this registry's tools: variables, imports
+        and files survive from one execution to the next.
+
+        ``async with codemode.session(ttl=600) as s: await s.execute_async(code)``; see
+        :mod:`codemode.core.session`.
+        """
+        return self.client.session(ttl=ttl, limits=limits)
+
     async def health_check_async(self) -> bool:
         """Whether the executor answers its health check as serving."""
         return await self.client.health_check_async()
@@ -191,14 +201,3 @@ class Codemode(Closing):
     async def close_async(self) -> None:
         """Release the connection, waiting for it to close. Idempotent."""
         await self.client.close_async()
-
-
-def unwrap(result: ExecutionResult) -> str | None:
-    """The JSON result of a successful execution; raise the matching error otherwise."""
-    if result.success:
-        return result.result
-    if result.error_type == ErrorType.TIMEOUT:
-        raise ExecutorTimeoutError(
-            str(result.error), result=result, correlation_id=result.correlation_id
-        )
-    raise ExecutionError(result)

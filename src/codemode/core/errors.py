@@ -9,7 +9,10 @@
     │   ├── ExecutorAuthenticationError  wrong or missing API key (UNAUTHENTICATED)
     │   ├── ExecutorOverloadedError      admission refused (RESOURCE_EXHAUSTED); retried
     │   └── InvalidRequestError          malformed or too large request (INVALID_ARGUMENT)
-    └── ExecutionError                   the program ran and failed: error type, message, traceback
+    ├── ExecutionError                   the program ran and failed: error type, message, traceback
+    ├── SessionClosedError               a session used after close()
+    └── SessionLostError                 a session's sandbox is gone: executor lost, limit hit, …
+        └── SessionExpiredError          … or its TTL or idle timeout passed
 
 Every exception carries ``correlation_id`` (the execution's id, for logs on both sides) and,
 when a gRPC status was involved, ``status`` (its name, e.g. ``"UNAVAILABLE"``).
@@ -36,6 +39,9 @@ __all__ = [
     "ExecutorRequestError",
     "ExecutorTimeoutError",
     "InvalidRequestError",
+    "SessionClosedError",
+    "SessionExpiredError",
+    "SessionLostError",
     "error_from_rpc",
 ]
 
@@ -101,6 +107,31 @@ class ExecutionError(ExecutorClientError):
         self.result = result
         self.error_type = result.error_type
         self.traceback = result.traceback
+
+
+class SessionClosedError(ExecutorClientError):
+    """The session was closed by the application; open a new one."""
+
+
+class SessionLostError(ExecutorClientError):
+    """The session's sandbox, and with it its state, is gone; it is never re-created silently.
+
+    Raised by the call that finds it so: the connection to its executor broke, the executor
+    stopped, an execution hit a limit that killed the sandbox (that result says
+    ``session_alive=False``), or an execution of it was cancelled. ``await session.reset()``
+    opens a fresh sandbox (perhaps on another executor). ``cause`` holds the underlying
+    error, when there was one.
+    """
+
+    def __init__(
+        self, message: str, *, cause: ExecutorClientError | None = None, **kw: str | None
+    ) -> None:
+        super().__init__(message, **kw)
+        self.cause = cause
+
+
+class SessionExpiredError(SessionLostError):
+    """The session's TTL or idle timeout passed, and the executor ended it."""
 
 
 _REFUSALS: dict[grpc.StatusCode, type[ExecutorRequestError]] = {

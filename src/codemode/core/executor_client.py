@@ -11,25 +11,31 @@ Errors are drawn in :mod:`codemode.core.errors` and re-exported here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
-import time
-import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from codemode.config import ClientConfig
-from codemode.config._defaults import CANCEL_NOTICE_S, DEADLINE_MARGIN_S, FILE_CHUNK_BYTES
+from codemode.config._defaults import DEADLINE_MARGIN_S
+from codemode.core._exchange import (
+    LIMIT_FIELDS,
+    Prepared,
+    check_files,
+    exchange,
+    in_background,
+    limit_fields,
+    new_correlation_id,
+    rpc_error,
+)
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
 from codemode.core.channel import open_channel
-from codemode.core.context import RuntimeContext, current_context, current_correlation_id
+from codemode.core.context import RuntimeContext, current_context
 from codemode.core.errors import (
     ExecutionError,
     ExecutorAuthenticationError,
@@ -39,26 +45,20 @@ from codemode.core.errors import (
     ExecutorRequestError,
     ExecutorTimeoutError,
     InvalidRequestError,
-    error_from_rpc,
 )
-from codemode.core.registry import ComponentRegistry, call_tool
+from codemode.core.registry import ComponentRegistry
 from codemode.core.results import (
     ExecutionEvent,
     ExecutionResult,
-    OutputEvent,
     ResultEvent,
-    ToolCallEvent,
-    ToolResultEvent,
 )
 from codemode.core.retry import RetryPolicy
+from codemode.core.session import Session
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire.names import (
     AUTHORIZATION,
     CORRELATION_ID,
-    MAX_INPUT_FILES,
-    NOT_STARTED_TRAILER,
-    file_name_problem,
 )
 
 __all__ = [
@@ -76,11 +76,6 @@ __all__ = [
 
 logger = logging.getLogger("codemode.client")
 T = TypeVar("T")
-
-
-def new_correlation_id() -> str:
-    """A fresh correlation id (32 hex characters)."""
-    return uuid.uuid4().hex
 
 
 class ExecutorClient(Closing):
@@ -189,26 +184,47 @@ class ExecutorClient(Closing):
     async def info_async(self) -> dict[str, Any]:
         """The executor's details: version, ``isolation`` backend, ``isolated``, ``warnings``,
         ``limits``, concurrency, and what programs can import: ``packages`` (the sandbox
-        venv's, as ``{"name", "version"}``) and ``preload_modules``. Raises the errors of
+        venv's, as ``{"name", "version"}``) and ``preload_modules``; sessions (``max_sessions``,
+        ``open_sessions``, ``max_session_ttl_seconds``). Raises the errors of
         :mod:`codemode.core.errors`."""
         try:
             reply = await pb_grpc.ExecutorStub(self._channel()).Info(
                 pb.InfoRequest(), timeout=self.config.connect_timeout, metadata=self._auth
             )
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc, "", sent=False) from None
+            raise rpc_error(exc, "", sent=False) from None
         return {
             "version": reply.version,
             "isolation": reply.isolation,
             "isolated": reply.isolated,
             "warnings": list(reply.warnings),
-            "limits": {name: getattr(reply.limits, name) for name in _LIMIT_FIELDS},
+            "limits": {name: getattr(reply.limits, name) for name in LIMIT_FIELDS},
             "max_execution_timeout_seconds": reply.max_execution_timeout_seconds,
             "max_concurrent_executions": reply.max_concurrent_executions,
             "running_executions": reply.running_executions,
             "packages": [{"name": p.name, "version": p.version} for p in reply.packages],
             "preload_modules": list(reply.preload_modules),
+            "max_sessions": reply.max_sessions,
+            "open_sessions": reply.open_sessions,
+            "max_session_ttl_seconds": reply.max_session_ttl_seconds,
         }
+
+    # Sessions ------------------------------------------------------------------------------
+
+    def session(
+        self, *, ttl: float | None = None, limits: Mapping[str, float] | None = None
+    ) -> Session:
+        """A :class:`~codemode.core.session.Session` on this client's executor, not yet open:
+        ``async with client.session(ttl=600) as s: await s.execute_async(code)``."""
+        return Session(self, ttl=ttl, limits=limits)
+
+    async def open_session(
+        self, *, ttl: float | None = None, limits: Mapping[str, float] | None = None
+    ) -> Session:
+        """An open :meth:`session`; end it with ``await session.close_async()``."""
+        session = self.session(ttl=ttl, limits=limits)
+        await session.open_async()
+        return session
 
     # Executing -----------------------------------------------------------------------------
 
@@ -342,7 +358,7 @@ class ExecutorClient(Closing):
                 await asyncio.sleep(delay)
                 attempt, waited = attempt + 1, waited + delay
 
-    def _prepare(self, request: Request) -> _Prepared:
+    def _prepare(self, request: Request) -> Prepared:
         """Check ``request`` and encode it; raises :class:`InvalidRequestError`."""
         cid = request.correlation_id or new_correlation_id()
         code = request.code
@@ -391,81 +407,31 @@ class ExecutorClient(Closing):
             raise InvalidRequestError(
                 f"config must be JSON-serialisable: {exc}", correlation_id=cid
             ) from None
-        files = _check_files(request.files, cid)
+        files = check_files(request.files, cid)
         start = pb.StartExecution(
             code=code,
             tools=specs,
             config_json=config_json,
             context_json=context.to_json(),
             timeout_seconds=timeout,
-            limits=pb.Limits(**_limit_fields(request.limits)),
+            limits=pb.Limits(**limit_fields(request.limits)),
             stream_output=request.stream_output,
             files=[pb.FileInfo(name=name, size=len(data)) for name, data in files],
         )
-        return _Prepared(start, context.with_correlation_id(cid), tools, cid, files)
+        return Prepared(start, context.with_correlation_id(cid), tools, cid, files)
 
-    async def _stream_once(self, prepared: _Prepared) -> AsyncIterator[ExecutionEvent]:
+    async def _stream_once(self, prepared: Prepared) -> AsyncIterator[ExecutionEvent]:
         """One attempt: open the stream, send the start frame, relay until the result."""
-        cid = prepared.correlation_id
         channel = self._channel()
-        await self._wait_connected(channel, cid)
+        await self._wait_connected(channel, prepared.correlation_id)
         call = pb_grpc.ExecutorStub(channel).Execute(
-            metadata=(*self._auth, (CORRELATION_ID, cid)),
+            metadata=(*self._auth, (CORRELATION_ID, prepared.correlation_id)),
             timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
         )
-        relay = _ToolRelay(call, prepared.tools, prepared.context, cid, self.config.tool_timeout)
-        sent = False
         try:
-            await call.write(pb.ClientFrame(start=prepared.start))
-            sent = True
-            if prepared.files:
-                # The executor sends its headers once it has admitted the execution: only then
-                # do the files go (a refusal racing a large upload would reset the stream).
-                await call.initial_metadata()
-                try:
-                    for chunk in _file_chunks(prepared.files):
-                        await call.write(pb.ClientFrame(file=chunk))
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    pass  # the executor ended the call: the read below says why
-            received = _Files()
-            while True:
-                frame = await _read(call)
-                if frame is grpc.aio.EOF:
-                    raise ExecutorConnectionError(
-                        "executor ended the stream without a result; the program may have run",
-                        may_have_run=True,
-                        correlation_id=cid,
-                    )
-                kind = frame.WhichOneof("frame")
-                if kind == "tool_call":
-                    yield relay.start(frame.tool_call)
-                elif kind == "output":
-                    stream: Literal["stdout", "stderr"] = (
-                        "stderr" if frame.output.stream == pb.Output.STDERR else "stdout"
-                    )
-                    yield OutputEvent(stream, frame.output.data.decode("utf-8", "replace"))
-                elif kind == "file":
-                    received.add(frame.file)
-                elif kind == "result":
-                    for event in relay.finished():
-                        yield event
-                    yield ResultEvent(
-                        _result_from_wire(frame.result, cid, received.take(frame.result))
-                    )
-                    return
-                for event in relay.finished():
-                    yield event
-        except asyncio.CancelledError:
-            if sent:
-                # Say so rather than just drop the stream: the executor can then tell the
-                # application's cancellation from a lost connection (it logs which), and
-                # whatever resumes executions after a failure must not re-run a cancelled one.
-                await relay.send_cancel(CANCEL_NOTICE_S)
-            raise
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc, cid, sent) from None
+            async for event in exchange(call, prepared, self.config.tool_timeout):
+                yield event
         finally:
-            relay.cancel()
             call.cancel()
 
     async def _wait_connected(self, channel: grpc.aio.Channel, cid: str) -> None:
@@ -483,254 +449,6 @@ class ExecutorClient(Closing):
             ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A checked request: its start frame, and what answering its tool calls needs."""
-
-    start: pb.StartExecution
-    context: RuntimeContext  # carrying the correlation id, for run_with_context tools
-    tools: Mapping[str, Any]
-    correlation_id: str
-    files: tuple[tuple[str, bytes], ...] = ()
-
-
-class _ToolRelay:
-    """Answers the program's tool calls, each in its own task so that calls run in parallel.
-
-    It owns the writes after the start frame, so that frames never interleave on the stream.
-    """
-
-    def __init__(
-        self,
-        call: Any,
-        tools: Mapping[str, Any],
-        context: RuntimeContext,
-        cid: str,
-        tool_timeout: float,
-    ) -> None:
-        self._call = call
-        self._tools = tools
-        self._context = context
-        self._cid = cid
-        self._timeout = tool_timeout
-        self._tasks: set[asyncio.Task[ToolResultEvent]] = set()
-        self._done: list[ToolResultEvent] = []
-        self._write_lock = asyncio.Lock()
-
-    def start(self, frame: pb.ToolCall) -> ToolCallEvent:
-        try:
-            arguments = json.loads(frame.arguments_json or b"{}")
-            args, kwargs = list(arguments.get("args", [])), dict(arguments.get("kwargs", {}))
-        except (ValueError, AttributeError, TypeError):
-            args, kwargs = [], {}
-        task = asyncio.create_task(self._answer(frame.call_id, frame.tool, args, kwargs))
-        self._tasks.add(task)
-        task.add_done_callback(self._collect)
-        return ToolCallEvent(frame.call_id, frame.tool, args, kwargs)
-
-    def _collect(self, task: asyncio.Task[ToolResultEvent]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is None:
-            self._done.append(task.result())
-
-    def finished(self) -> list[ToolResultEvent]:
-        done, self._done = self._done, []
-        return done
-
-    def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-
-    async def send_cancel(self, timeout: float) -> None:
-        """Write a ``Cancel`` frame; best effort, waiting at most ``timeout`` seconds.
-
-        Shielded, because grpc.aio cancels the whole call with a cancelled write: a second
-        cancellation of the caller must not take the frame with it. When the write fails or
-        takes longer, the caller goes on and cancels the call.
-        """
-        frame = pb.ClientFrame(cancel=pb.Cancel(reason="the application cancelled the execution"))
-
-        async def write() -> None:
-            async with self._write_lock:
-                await self._call.write(frame)
-
-        task = _in_background(write())
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(task)
-
-    async def _answer(
-        self, call_id: str, name: str, args: list[Any], kwargs: dict[str, Any]
-    ) -> ToolResultEvent:
-        started = time.perf_counter()
-        reply = await self._run(name, args, kwargs)
-        reply.call_id = call_id
-        if not reply.ok:
-            logger.info(
-                "tool %s failed: %s: %s",
-                name,
-                reply.error_type,
-                reply.error_message,
-                extra={"correlation_id": self._cid},
-            )
-        async with self._write_lock:
-            await self._call.write(pb.ClientFrame(tool_result=reply))
-        return ToolResultEvent(
-            call_id,
-            name,
-            reply.ok,
-            (time.perf_counter() - started) * 1000,
-            reply.error_type or None,
-        )
-
-    async def _run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> pb.ToolResult:
-        tool = self._tools.get(name)
-        if tool is None and name.startswith("_codemode_"):
-            from codemode.tools.discovery import answer_discovery
-
-            try:
-                value = answer_discovery(name, args, kwargs, self._tools)
-            except Exception as exc:
-                return _tool_error(type(exc).__name__, str(exc))
-            return pb.ToolResult(ok=True, value_json=json.dumps(value).encode())
-        if tool is None:
-            return _tool_error(
-                "ComponentNotFoundError",
-                f"tool {name!r} is declared but not registered in the application",
-            )
-        current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
-        try:
-            async with asyncio.timeout(self._timeout):  # no extra task, unlike wait_for
-                value = await call_tool(tool, args, kwargs, self._context, name=name)
-        except TimeoutError:
-            return _tool_error(
-                "TimeoutError", f"tool {name!r} did not answer within {self._timeout:g}s"
-            )
-        except Exception as exc:
-            return _tool_error(type(exc).__name__, str(exc))
-        try:
-            encoded = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            return _tool_error(
-                "TypeError", f"tool {name!r} returned a value that is not JSON-serialisable: {exc}"
-            )
-        return pb.ToolResult(ok=True, value_json=encoded)
-
-
-_LIMIT_FIELDS = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
-
-
-def _limit_fields(limits: Mapping[str, float] | None) -> dict[str, Any]:
-    """Requested limit overrides as ``pb.Limits`` fields; unknown names are a clear error."""
-    out: dict[str, Any] = {}
-    for name, value in (limits or {}).items():
-        field = _LIMIT_FIELDS.get(name)
-        if field is None:
-            known = ", ".join(sorted(_LIMIT_FIELDS))
-            raise InvalidRequestError(f"unknown limit {name!r}; known: {known}")
-        out[name] = float(value) if field.cpp_type == field.CPPTYPE_DOUBLE else int(value)
-    return out
-
-
-async def _read(call: Any) -> Any:
-    """``call.read()``, shielded from the caller's cancellation.
-
-    grpc.aio cancels the whole call when a pending read is cancelled; shielded, the call
-    outlives the cancelled caller long enough to send ``Cancel``. The read ends with the call.
-    """
-    read = _in_background(call.read())
-    return await asyncio.shield(read)
-
-
-def _tool_error(error_type: str, message: str) -> pb.ToolResult:
-    return pb.ToolResult(ok=False, error_type=error_type, error_message=message)
-
-
-def _result_from_wire(
-    result: pb.ExecutionResult, cid: str, files: dict[str, bytes] | None = None
-) -> ExecutionResult:
-    return ExecutionResult(
-        success=result.success,
-        result=result.result_json.decode() if result.result_json else None,
-        error=result.error_message or None,
-        error_type=result.error_type or None,
-        traceback=result.traceback or None,
-        stdout=result.stdout.decode("utf-8", "replace"),
-        stderr=result.stderr.decode("utf-8", "replace"),
-        duration_ms=result.duration_ms,
-        correlation_id=result.correlation_id or cid,
-        tool_calls=result.tool_calls,
-        output_truncated=result.output_truncated,
-        files=files or {},
-    )
-
-
-def _check_files(files: Mapping[str, bytes] | None, cid: str) -> tuple[tuple[str, bytes], ...]:
-    """The input files as (name, bytes) pairs, checked; raises :class:`InvalidRequestError`."""
-    if not files:
-        return ()
-    if not isinstance(files, Mapping):
-        raise InvalidRequestError(
-            f"files must be a mapping of name to bytes, not {type(files).__name__}",
-            correlation_id=cid,
-        )
-    checked = []
-    for name, data in files.items():
-        problem = file_name_problem(name)
-        if problem is not None:
-            raise InvalidRequestError(f"input file: {problem}", correlation_id=cid)
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise InvalidRequestError(
-                f"input file {name!r} must be bytes, not {type(data).__name__}",
-                correlation_id=cid,
-            )
-        checked.append((name, bytes(data)))
-    if len(checked) > MAX_INPUT_FILES:
-        raise InvalidRequestError(
-            f"{len(checked)} input files; at most {MAX_INPUT_FILES} are accepted",
-            correlation_id=cid,
-        )
-    return tuple(checked)
-
-
-def _file_chunks(files: Sequence[tuple[str, bytes]]) -> Iterator[pb.FileChunk]:
-    """The input files' bytes as the wire's chunks, file after file (none for empty files)."""
-    for name, data in files:
-        view = memoryview(data)
-        for at in range(0, len(data), FILE_CHUNK_BYTES):
-            yield pb.FileChunk(name=name, data=bytes(view[at : at + FILE_CHUNK_BYTES]))
-
-
-class _Files:
-    """The output files' chunks as they arrive, checked against the result's list at the end."""
-
-    def __init__(self) -> None:
-        self._parts: dict[str, list[bytes]] = {}
-
-    def add(self, chunk: pb.FileChunk) -> None:
-        self._parts.setdefault(chunk.name, []).append(chunk.data)
-
-    def take(self, result: pb.ExecutionResult) -> dict[str, bytes]:
-        files = {}
-        for info in result.files:
-            data = b"".join(self._parts.pop(info.name, ()))
-            if len(data) != info.size:
-                raise ExecutorClientError(
-                    f"output file {info.name!r} arrived with {len(data)} of its {info.size} bytes",
-                    correlation_id=result.correlation_id or None,
-                )
-            files[info.name] = data
-        return files
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError, cid: str, sent: bool) -> ExecutorClientError:
-    trailers = exc.trailing_metadata() or ()
-    not_started = any(k == NOT_STARTED_TRAILER for k, _ in trailers)
-    return error_from_rpc(
-        exc.code(), exc.details() or "", correlation_id=cid, not_started=not_started, sent=sent
-    )
-
-
 def _close_elsewhere(loop: asyncio.AbstractEventLoop, channel: grpc.aio.Channel) -> None:
     """Close ``channel`` from sync code, whatever the state of the loop it belongs to."""
     if loop.is_closed():
@@ -740,30 +458,11 @@ def _close_elsewhere(loop: asyncio.AbstractEventLoop, channel: grpc.aio.Channel)
     except RuntimeError:
         running = None
     if running is loop:
-        task = loop.create_task(channel.close())
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        in_background(channel.close())
     elif loop.is_running():
         asyncio.run_coroutine_threadsafe(channel.close(), loop)
     else:
         loop.run_until_complete(channel.close())
-
-
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def _in_background(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-    """A task for ``coro``, kept alive until done; a failure nobody awaited is not logged."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_forget)
-    return task
-
-
-def _forget(task: asyncio.Task[Any]) -> None:
-    _BACKGROUND.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved, so that asyncio does not log it
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from codemode.core.errors import ExecutionError, ExecutorTimeoutError
+from codemode.wire.names import ErrorType
+
 
 @dataclass(frozen=True)
 class ExecutionResult:
@@ -32,6 +35,8 @@ class ExecutionResult:
     output_truncated: bool = False
     #: The files the program left in ``/output``, by name.
     files: dict[str, bytes] = field(default_factory=dict)
+    #: In a session: whether its sandbox survived this execution (False after a limit hit).
+    session_alive: bool = False
 
     @cached_property
     def value(self) -> Any:
@@ -76,3 +81,14 @@ class ResultEvent:
 
 
 ExecutionEvent = OutputEvent | ToolCallEvent | ToolResultEvent | ResultEvent
+
+
+def unwrap(result: ExecutionResult) -> str | None:
+    """The JSON result of a successful execution; raise the matching error otherwise."""
+    if result.success:
+        return result.result
+    if result.error_type == ErrorType.TIMEOUT:
+        raise ExecutorTimeoutError(
+            str(result.error), result=result, correlation_id=result.correlation_id
+        )
+    raise ExecutionError(result)

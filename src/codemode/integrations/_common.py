@@ -12,6 +12,7 @@ from codemode.tools.feedback import DEFAULT_MAX_OUTPUT_CHARS, format_result
 
 if TYPE_CHECKING:
     from codemode.core.codemode import Codemode
+    from codemode.core.session import Session
 
 DEFAULT_NAME = "codemode"
 
@@ -42,6 +43,10 @@ class Runner:
     The context is, in order: the fixed ``context`` given to the adapter, the calling task's
     (``Codemode.with_context``), or the one current when the adapter was made — frameworks
     that run tools in threads of their own do not always carry context variables over.
+
+    With a ``session`` (an open :class:`~codemode.core.session.Session`), every program runs
+    in it, so an agent's steps share variables and files; it runs on the session's own event
+    loop, whichever thread or loop the framework calls from.
     """
 
     def __init__(
@@ -52,8 +57,10 @@ class Runner:
         context: RuntimeContext | Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+        session: Session | None = None,
     ) -> None:
         self.codemode = codemode
+        self.session = session
         self.available_tools = list(available_tools) if available_tools is not None else None
         if context is not None and not isinstance(context, RuntimeContext):
             context = RuntimeContext(variables=context)
@@ -74,10 +81,23 @@ class Runner:
         A failed program is text for the model; the executor being unreachable or refusing
         the request raises, for the application to handle.
         """
-        result = await self.codemode.run_async(
-            code,
-            available_tools=self.available_tools,
-            execution_timeout=self.execution_timeout,
-            context=context,
-        )
+        if self.session is None:
+            result = await self.codemode.run_async(
+                code,
+                available_tools=self.available_tools,
+                execution_timeout=self.execution_timeout,
+                context=context,
+            )
+        else:
+            result = await self.session.run_on_its_loop(
+                code,
+                available_tools=self.available_tools,
+                execution_timeout=self.execution_timeout,
+                context=context,
+            )
         return format_result(result, max_output_chars=self.max_output_chars)
+
+    def check_sync_call(self) -> None:
+        """Refuse a blocking call from the thread whose loop the session needs (a deadlock)."""
+        if self.session is not None:
+            self.session.check_not_blocking()

@@ -21,6 +21,7 @@ from codemode.tools.feedback import DEFAULT_MAX_OUTPUT_CHARS
 if TYPE_CHECKING:
     # Typing only: the facade imports this module (in as_crewai_tool), not the other way round.
     from codemode.core.codemode import Codemode
+    from codemode.core.session import Session
 
 try:
     from crewai.tools import BaseTool
@@ -39,7 +40,8 @@ class CodemodeTool(BaseTool):
     ``available_tools`` (names the program may call; default all), ``context`` (a fixed
     context; default the caller's, see :class:`~codemode.integrations._common.Runner`),
     ``execution_timeout`` (seconds), ``max_output_chars`` (stdout/stderr kept for the agent),
-    ``name`` and ``description`` (default: an introduction and the tools' stubs).
+    ``name`` and ``description`` (default: an introduction and the tools' stubs), ``session``
+    (an open :class:`~codemode.core.session.Session`: the agent's steps share its state).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -58,6 +60,7 @@ class CodemodeTool(BaseTool):
         context: RuntimeContext | Mapping[str, Any] | None = None,
         execution_timeout: float | None = None,
         max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+        session: Session | None = None,
         **fields: Any,
     ) -> None:
         fields.setdefault("description", tool_description(codemode, available_tools))
@@ -68,11 +71,13 @@ class CodemodeTool(BaseTool):
             context=context,
             execution_timeout=execution_timeout,
             max_output_chars=max_output_chars,
+            session=session,
         )
 
     def _run(self, code: str) -> str:
         """Run ``code``; blocks this thread (from inside a loop, in a worker thread)."""
         # The context is read here, in the caller's thread: run_sync may switch threads.
+        self._runner.check_sync_call()
         return run_sync(self._runner.run(code, self._runner.current_context()))
 
     async def _arun(self, code: str) -> str:

@@ -18,6 +18,7 @@ from codemode.tools.feedback import DEFAULT_MAX_OUTPUT_CHARS
 if TYPE_CHECKING:
     # Typing only: the facade imports this module (in as_langchain_tool), not the other way round.
     from codemode.core.codemode import Codemode
+    from codemode.core.session import Session
 
 try:
     from langchain_core.tools import StructuredTool
@@ -38,11 +39,13 @@ def codemode_tool(
     context: RuntimeContext | Mapping[str, Any] | None = None,
     execution_timeout: float | None = None,
     max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+    session: Session | None = None,
 ) -> StructuredTool:
     """A ``StructuredTool`` taking ``code`` and returning the outcome as text for the model.
 
     Options as :class:`codemode.integrations.crewai.CodemodeTool`: ``available_tools``,
-    ``context`` (default: the caller's), ``execution_timeout``, ``max_output_chars``.
+    ``context`` (default: the caller's), ``execution_timeout``, ``max_output_chars``,
+    ``session`` (an open session: every program of the agent runs in it, sharing state).
     """
     runner = Runner(
         codemode,
@@ -50,9 +53,11 @@ def codemode_tool(
         context=context,
         execution_timeout=execution_timeout,
         max_output_chars=max_output_chars,
+        session=session,
     )
 
     def run(code: str) -> str:
+        runner.check_sync_call()
         return run_sync(runner.run(code, runner.current_context()))
 
     async def arun(code: str) -> str:

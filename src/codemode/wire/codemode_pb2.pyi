@@ -8,6 +8,12 @@ declares, then answers every ToolCall the server sends with a ToolResult (or sen
 Cancel). The server streams Output chunks when asked to, sends the chunks of the files
 the program left in /output, and always ends with exactly one ExecutionResult. Values
 travel as JSON bytes so that integers stay integers.
+
+A session is one Session stream: the client sends OpenSession, the server answers
+SessionOpened, then each execution is exchanged as on Execute (start, files, tool calls,
+output, result), one after the other, in the same sandbox. The client ends the session
+by closing its side; the server ends it (TTL, idle, a limit that killed the sandbox,
+shutdown) by ending the stream.
 """
 
 from collections import abc as _abc
@@ -79,6 +85,9 @@ class InfoResponse(_message.Message):
     RUNNING_EXECUTIONS_FIELD_NUMBER: _builtins.int
     PACKAGES_FIELD_NUMBER: _builtins.int
     PRELOAD_MODULES_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
+    OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    MAX_SESSION_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     isolation: _builtins.str
     """the sandbox backend: "forkserver", "bwrap", "process" """
@@ -87,6 +96,9 @@ class InfoResponse(_message.Message):
     max_execution_timeout_seconds: _builtins.float
     max_concurrent_executions: _builtins.int
     running_executions: _builtins.int
+    max_sessions: _builtins.int
+    open_sessions: _builtins.int
+    max_session_ttl_seconds: _builtins.float
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -110,10 +122,13 @@ class InfoResponse(_message.Message):
         running_executions: _builtins.int = ...,
         packages: _abc.Iterable[Global___InfoResponse.Package] | None = ...,
         preload_modules: _abc.Iterable[_builtins.str] | None = ...,
+        max_sessions: _builtins.int = ...,
+        open_sessions: _builtins.int = ...,
+        max_session_ttl_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated", "isolation", b"isolation", "limits", b"limits", "max_concurrent_executions", b"max_concurrent_executions", "max_execution_timeout_seconds", b"max_execution_timeout_seconds", "packages", b"packages", "preload_modules", b"preload_modules", "running_executions", b"running_executions", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolated", b"isolated", "isolation", b"isolation", "limits", b"limits", "max_concurrent_executions", b"max_concurrent_executions", "max_execution_timeout_seconds", b"max_execution_timeout_seconds", "max_session_ttl_seconds", b"max_session_ttl_seconds", "max_sessions", b"max_sessions", "open_sessions", b"open_sessions", "packages", b"packages", "preload_modules", b"preload_modules", "running_executions", b"running_executions", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -256,6 +271,7 @@ class StartExecution(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     STREAM_OUTPUT_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     config_json: _builtins.bytes
     """JSON object, read-only `config` in the program"""
@@ -265,6 +281,8 @@ class StartExecution(_message.Message):
     """wall clock; 0 means the service default"""
     stream_output: _builtins.bool
     """send Output frames as the program writes"""
+    correlation_id: _builtins.str
+    """in a session, this execution's (Execute reads the metadata's)"""
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolSpec]: ...
     @_builtins.property
@@ -284,14 +302,67 @@ class StartExecution(_message.Message):
         limits: Global___Limits | None = ...,
         stream_output: _builtins.bool = ...,
         files: _abc.Iterable[Global___FileInfo] | None = ...,
+        correlation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "config_json", b"config_json", "context_json", b"context_json", "files", b"files", "limits", b"limits", "stream_output", b"stream_output", "timeout_seconds", b"timeout_seconds", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "config_json", b"config_json", "context_json", b"context_json", "correlation_id", b"correlation_id", "files", b"files", "limits", b"limits", "stream_output", b"stream_output", "timeout_seconds", b"timeout_seconds", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartExecution: _TypeAlias = StartExecution  # noqa: Y015
+
+@_typing.final
+class OpenSession(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    ttl_seconds: _builtins.float
+    """the session's whole life; 0 means the service default"""
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """for the whole session (memory, processes and disk are shared)"""
+
+    def __init__(
+        self,
+        *,
+        ttl_seconds: _builtins.float = ...,
+        limits: Global___Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
+
+@_typing.final
+class SessionOpened(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    ttl_seconds: _builtins.float
+    idle_timeout_seconds: _builtins.float
+    """the session ends after this long without an execution"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        ttl_seconds: _builtins.float = ...,
+        idle_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_timeout_seconds", b"idle_timeout_seconds", "session_id", b"session_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionOpened: _TypeAlias = SessionOpened  # noqa: Y015
 
 @_typing.final
 class ToolResult(_message.Message):
@@ -358,6 +429,7 @@ class ClientFrame(_message.Message):
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
+    OPEN_SESSION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartExecution: ...
     @_builtins.property
@@ -368,6 +440,10 @@ class ClientFrame(_message.Message):
     def file(self) -> Global___FileChunk:
         """right after the start frame, until every declared file is sent"""
 
+    @_builtins.property
+    def open_session(self) -> Global___OpenSession:
+        """the first frame of a Session stream"""
+
     def __init__(
         self,
         *,
@@ -375,12 +451,13 @@ class ClientFrame(_message.Message):
         tool_result: Global___ToolResult | None = ...,
         cancel: Global___Cancel | None = ...,
         file: Global___FileChunk | None = ...,
+        open_session: Global___OpenSession | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "open_session", b"open_session", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "file", b"file", "frame", b"frame", "open_session", b"open_session", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tool_result", "cancel", "file"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tool_result", "cancel", "file", "open_session"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -463,6 +540,7 @@ class ExecutionResult(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     OUTPUT_TRUNCATED_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    SESSION_ALIVE_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     result_json: _builtins.bytes
     """empty when the program set no `result`"""
@@ -475,6 +553,10 @@ class ExecutionResult(_message.Message):
     correlation_id: _builtins.str
     tool_calls: _builtins.int
     output_truncated: _builtins.bool
+    session_alive: _builtins.bool
+    """In a session: whether its sandbox survived this execution (false after a limit killed
+    it; the server then ends the stream).
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
         """the program's /output files, sent just before as FileChunks"""
@@ -494,10 +576,11 @@ class ExecutionResult(_message.Message):
         tool_calls: _builtins.int = ...,
         output_truncated: _builtins.bool = ...,
         files: _abc.Iterable[Global___FileInfo] | None = ...,
+        session_alive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "error_message", b"error_message", "error_type", b"error_type", "files", b"files", "output_truncated", b"output_truncated", "result_json", b"result_json", "stderr", b"stderr", "stdout", b"stdout", "success", b"success", "tool_calls", b"tool_calls", "traceback", b"traceback"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "duration_ms", b"duration_ms", "error_message", b"error_message", "error_type", b"error_type", "files", b"files", "output_truncated", b"output_truncated", "result_json", b"result_json", "session_alive", b"session_alive", "stderr", b"stderr", "stdout", b"stdout", "success", b"success", "tool_calls", b"tool_calls", "traceback", b"traceback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,6 +594,7 @@ class ServerFrame(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
+    SESSION_OPENED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tool_call(self) -> Global___ToolCall: ...
     @_builtins.property
@@ -519,6 +603,8 @@ class ServerFrame(_message.Message):
     def result(self) -> Global___ExecutionResult: ...
     @_builtins.property
     def file(self) -> Global___FileChunk: ...
+    @_builtins.property
+    def session_opened(self) -> Global___SessionOpened: ...
     def __init__(
         self,
         *,
@@ -526,12 +612,13 @@ class ServerFrame(_message.Message):
         output: Global___Output | None = ...,
         result: Global___ExecutionResult | None = ...,
         file: Global___FileChunk | None = ...,
+        session_opened: Global___SessionOpened | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "session_opened", b"session_opened", "tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "tool_call", b"tool_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "frame", b"frame", "output", b"output", "result", b"result", "session_opened", b"session_opened", "tool_call", b"tool_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["tool_call", "output", "result", "file"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["tool_call", "output", "result", "file", "session_opened"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 

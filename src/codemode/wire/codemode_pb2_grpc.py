@@ -32,6 +32,11 @@ class ExecutorStub:
                 request_serializer=codemode__pb2.ClientFrame.SerializeToString,
                 response_deserializer=codemode__pb2.ServerFrame.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/codemode.v1.Executor/Session',
+                request_serializer=codemode__pb2.ClientFrame.SerializeToString,
+                response_deserializer=codemode__pb2.ServerFrame.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/codemode.v1.Executor/Info',
                 request_serializer=codemode__pb2.InfoRequest.SerializeToString,
@@ -48,6 +53,13 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Several executions, one after another, in one sandbox that keeps their state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """What this executor is and enforces; the details behind its health status.
         """
@@ -60,6 +72,11 @@ def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Execute': grpc.stream_stream_rpc_method_handler(
                     servicer.Execute,
+                    request_deserializer=codemode__pb2.ClientFrame.FromString,
+                    response_serializer=codemode__pb2.ServerFrame.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
                     request_deserializer=codemode__pb2.ClientFrame.FromString,
                     response_serializer=codemode__pb2.ServerFrame.SerializeToString,
             ),
@@ -94,6 +111,33 @@ class Executor:
             request_iterator,
             target,
             '/codemode.v1.Executor/Execute',
+            codemode__pb2.ClientFrame.SerializeToString,
+            codemode__pb2.ServerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/codemode.v1.Executor/Session',
             codemode__pb2.ClientFrame.SerializeToString,
             codemode__pb2.ServerFrame.FromString,
             options,

@@ -8,6 +8,12 @@ declares, then answers every ToolCall the server sends with a ToolResult (or sen
 Cancel). The server streams Output chunks when asked to, sends the chunks of the files
 the program left in /output, and always ends with exactly one ExecutionResult. Values
 travel as JSON bytes so that integers stay integers.
+
+A session is one Session stream: the client sends OpenSession, the server answers
+SessionOpened, then each execution is exchanged as on Execute (start, files, tool calls,
+output, result), one after the other, in the same sandbox. The client ends the session
+by closing its side; the server ends it (TTL, idle, a limit that killed the sandbox,
+shutdown) by ending the stream.
 """
 
 from collections import abc as _abc
@@ -38,6 +44,8 @@ class ExecutorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExecutorAsyncStub: ...
     Execute: _grpc.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]
+    Session: _grpc.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]
+    """Several executions, one after another, in one sandbox that keeps their state."""
     Info: _grpc.UnaryUnaryMultiCallable[_codemode_pb2.InfoRequest, _codemode_pb2.InfoResponse]
     """What this executor is and enforces; the details behind its health status."""
 
@@ -45,6 +53,8 @@ class ExecutorStub:
 class ExecutorAsyncStub(ExecutorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]  # type: ignore[assignment]
+    Session: _aio.StreamStreamMultiCallable[_codemode_pb2.ClientFrame, _codemode_pb2.ServerFrame]  # type: ignore[assignment]
+    """Several executions, one after another, in one sandbox that keeps their state."""
     Info: _aio.UnaryUnaryMultiCallable[_codemode_pb2.InfoRequest, _codemode_pb2.InfoResponse]  # type: ignore[assignment]
     """What this executor is and enforces; the details behind its health status."""
 
@@ -55,6 +65,14 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_codemode_pb2.ClientFrame],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_codemode_pb2.ServerFrame], _abc.AsyncIterator[_codemode_pb2.ServerFrame]]: ...
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_codemode_pb2.ClientFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_codemode_pb2.ServerFrame], _abc.AsyncIterator[_codemode_pb2.ServerFrame]]:
+        """Several executions, one after another, in one sandbox that keeps their state."""
 
     @_abc_1.abstractmethod
     def Info(

@@ -3,9 +3,8 @@
 :func:`run_execution` is given an :class:`~.outcome.ExecutionRequest`, a ``call_tool``
 coroutine (which asks the application) and an optional ``on_output`` callback, and returns a
 :class:`~.outcome.RunOutcome`. Whatever happens (success, failure, a hit limit, cancellation)
-the guest's whole process tree is killed and every descriptor closed before it returns. This is
-where sessions and files will plug in: a guest kept between requests, files sent before the
-start frame.
+the guest's whole process tree is killed and every descriptor closed before it returns.
+:class:`HeldGuest` is the same for a session: one guest kept for many requests, in order.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,94 +122,182 @@ async def run_execution(
     :class:`~.files.FilesUnsupported` when the request has files and the backend no sandbox.
     """
     started = time.perf_counter()
-    limits = request.limits
-    attached = await _attach(backend)
-    guest = attached.guest
-    watch = _Watch(asyncio.get_running_loop().create_future())
-    tasks: list[asyncio.Task[Any]] = []
-    exit_task: asyncio.Task[Any] | None = None
-    writer: asyncio.StreamWriter | None = None
-    relay: GuestRelay | None = None
+    held = await HeldGuest.attach(backend)
     try:
-        reader, writer = await asyncio.open_unix_connection(sock=attached.channel, limit=1 << 20)
-        if on_output is not None:
-            watch.queue = asyncio.Queue()
-            tasks.append(asyncio.create_task(forward(watch.queue, on_output)))
-        budget = [limits.max_output_bytes]
+        return await held.run(request, call_tool, on_output, inputs, started=started)
+    finally:
+        held.close()
 
-        def output_limit() -> None:
-            watch.hit(
-                LimitHit(
-                    ErrorType.OUTPUT_LIMIT,
-                    f"the program wrote more than {limits.max_output_bytes} bytes of output",
-                )
+
+class HeldGuest:
+    """A guest attached to the service: for one execution, or for a session's many.
+
+    It owns the service's ends of the guest's channel and output pipes, and the wait for its
+    exit. In a session (:meth:`run` with ``session=True``) the guest outlives an execution
+    that it reported on normally; any other end (a limit, a crash, cancellation) kills it,
+    and :attr:`alive` turns False. :meth:`close` kills the guest's whole process tree and
+    closes every descriptor, whatever happened before.
+    """
+
+    def __init__(self, backend: SandboxBackend, attached: _Attached) -> None:
+        self._backend = backend
+        self._attached = attached
+        self.guest = attached.guest
+        self.alive = True
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._outputs: list[OutputPipe] = []
+        self._exit_task: asyncio.Task[Any] | None = None
+
+    @classmethod
+    async def attach(cls, backend: SandboxBackend) -> HeldGuest:
+        """A guest from ``backend``, its channel open."""
+        held = cls(backend, await _attach(backend))
+        try:
+            held._reader, held._writer = await asyncio.open_unix_connection(
+                sock=held._attached.channel, limit=1 << 20
             )
+        except BaseException:
+            held.close()
+            raise
+        return held
 
+    def _watch_outputs(
+        self,
+        budget: list[int],
+        on_limit: Callable[[], None],
+        queue: asyncio.Queue[tuple[Stream, bytes]] | None,
+    ) -> None:
+        if self._outputs:
+            for output in self._outputs:
+                output.restart(budget, on_limit, queue)
+            return
+        attached = self._attached
         pipes: tuple[tuple[int, Stream], ...] = (
             (attached.stdout, "stdout"),
             (attached.stderr, "stderr"),
         )
         for fd, which in pipes:
-            watch.outputs.append(OutputPipe(fd, which, budget, output_limit, watch.queue))
+            self._outputs.append(OutputPipe(fd, which, budget, on_limit, queue))
         attached.stdout = attached.stderr = -1  # owned by the outputs now
-        relay = GuestRelay(reader, writer, frozenset(request.tools), call_tool, limits)
-        ended: GuestDone | BaseException | None = await _upload(guest, request, inputs)
-        if ended is None:
-            relay_task = asyncio.create_task(relay.run())
-            exit_task = asyncio.create_task(guest.wait())
-            tasks.append(relay_task)
-            # The start frame goes last: the loop has nothing left to do once it has woken the
-            # guest, which the kernel may have placed on this very CPU.
-            header = _start_header(request, backend.memory_cgroup_bytes)
-            writer.write(encode_frame(header, request.code.encode()))
-            ended = await _first_end(writer, relay_task, exit_task, watch, request.timeout, limits)
-        files: list[tuple[str, bytes]] = []
-        if isinstance(ended, GuestDone) and ended.header.get("files"):
-            try:
-                files = await asyncio.to_thread(read_outputs, guest, limits.max_output_files_bytes)
-            except LimitHit as exc:
-                ended = exc
-        relay.cancel_calls()
-        if isinstance(ended, asyncio.IncompleteReadError | ConnectionError):
-            assert exit_task is not None  # set whenever the program was started
-            ended = await _channel_lost(guest, exit_task, limits)
-        guest.kill()
-        # The guest flushed its streams before reporting: what it wrote is in the pipes now.
-        for output in watch.outputs:
-            output.read_available()
-        if watch.queue is not None:
-            await watch.queue.join()
-        if watch.limit_hit.done() and isinstance(ended, GuestDone):
-            # The outcome can overtake the output that broke the limit; the limit still wins.
-            ended = watch.limit_hit.result()
-        outcome = _outcome(ended, watch.outputs)
-        outcome.files = files
-        outcome.duration_ms = (time.perf_counter() - started) * 1000
-        outcome.tool_calls = relay.tool_calls
-        if not outcome.success and not isinstance(ended, GuestDone):
-            logger.info(
-                "execution ended by %s: %s",
-                outcome.error_type,
-                outcome.error_message,
-                extra={"correlation_id": request.correlation_id},
+
+    async def run(
+        self,
+        request: ExecutionRequest,
+        call_tool: ToolCaller,
+        on_output: OutputSink | None = None,
+        inputs: asyncio.Queue[tuple[str, bytes]] | None = None,
+        *,
+        session: bool = False,
+        started: float | None = None,
+    ) -> RunOutcome:
+        """Run ``request`` in this guest and return its outcome (see :func:`run_execution`).
+
+        ``session``: keep the guest for the next request when this one ends normally.
+        """
+        if not self.alive or self._reader is None or self._writer is None:
+            raise RuntimeError("this guest was stopped; a new one is needed")
+        started = time.perf_counter() if started is None else started
+        limits = request.limits
+        watch = _Watch(asyncio.get_running_loop().create_future())
+        tasks: list[asyncio.Task[Any]] = []
+        relay: GuestRelay | None = None
+        kept = False
+        try:
+            if on_output is not None:
+                watch.queue = asyncio.Queue()
+                tasks.append(asyncio.create_task(forward(watch.queue, on_output)))
+            budget = [limits.max_output_bytes]
+
+            def output_limit() -> None:
+                watch.hit(
+                    LimitHit(
+                        ErrorType.OUTPUT_LIMIT,
+                        f"the program wrote more than {limits.max_output_bytes} bytes of output",
+                    )
+                )
+
+            self._watch_outputs(budget, output_limit, watch.queue)
+            watch.outputs = self._outputs
+            writer = self._writer
+            relay = GuestRelay(self._reader, writer, frozenset(request.tools), call_tool, limits)
+            ended: GuestDone | BaseException | None = await _upload(self.guest, request, inputs)
+            if ended is None:
+                relay_task = asyncio.create_task(relay.run())
+                if self._exit_task is None:
+                    self._exit_task = asyncio.create_task(self.guest.wait())
+                tasks.append(relay_task)
+                # The start frame goes last: the loop has nothing left to do once it has woken
+                # the guest, which the kernel may have placed on this very CPU.
+                header = _start_header(request, self._backend.memory_cgroup_bytes, session)
+                writer.write(encode_frame(header, request.code.encode()))
+                ended = await _first_end(
+                    writer, relay_task, self._exit_task, watch, request.timeout, limits
+                )
+            files: list[tuple[str, bytes]] = []
+            if isinstance(ended, GuestDone) and ended.header.get("files"):
+                try:
+                    files = await asyncio.to_thread(
+                        read_outputs, self.guest, limits.max_output_files_bytes
+                    )
+                except LimitHit as exc:
+                    ended = exc
+            relay.cancel_calls()
+            if isinstance(ended, asyncio.IncompleteReadError | ConnectionError):
+                assert self._exit_task is not None  # set whenever the program was started
+                ended = await _channel_lost(self.guest, self._exit_task, limits)
+            if not session:
+                self.guest.kill()
+            # The guest flushed its streams before reporting: what it wrote is in the pipes now.
+            for output in self._outputs:
+                output.read_available()
+            if watch.queue is not None:
+                await watch.queue.join()
+            if watch.limit_hit.done() and isinstance(ended, GuestDone):
+                # The outcome can overtake the output that broke the limit; the limit still wins.
+                ended = watch.limit_hit.result()
+            kept = (
+                session
+                and isinstance(ended, GuestDone)
+                and not (self._exit_task is not None and self._exit_task.done())
             )
-        return outcome
-    finally:
-        if relay is not None:
-            relay.cancel_calls()  # also when cancelled: no tool call outlives its execution
-        for task in tasks:
-            task.cancel()
-        for output in watch.outputs:
+            outcome = _outcome(ended, self._outputs)
+            outcome.files = files
+            outcome.session_alive = kept
+            outcome.duration_ms = (time.perf_counter() - started) * 1000
+            outcome.tool_calls = relay.tool_calls
+            if not outcome.success and not isinstance(ended, GuestDone):
+                logger.info(
+                    "execution ended by %s: %s",
+                    outcome.error_type,
+                    outcome.error_message,
+                    extra={"correlation_id": request.correlation_id},
+                )
+            return outcome
+        finally:
+            if relay is not None:
+                relay.cancel_calls()  # also when cancelled: no tool call outlives its execution
+            for task in tasks:
+                task.cancel()
+            if not kept:
+                self.alive = False
+                self.guest.kill()
+
+    def close(self) -> None:
+        """Kill the guest and close every descriptor; its exit is reaped in the background."""
+        self.alive = False
+        for output in self._outputs:
             output.close()
-        for fd in (attached.stdout, attached.stderr):
+        for fd in (self._attached.stdout, self._attached.stderr):
             if fd >= 0:
                 os.close(fd)
-        if writer is not None:
-            writer.close()
+        self._attached.stdout = self._attached.stderr = -1
+        if self._writer is not None:
+            self._writer.close()
         else:
-            attached.channel.close()
-        guest.kill()
-        _reap_later(guest, exit_task)
+            self._attached.channel.close()
+        self.guest.kill()
+        _reap_later(self.guest, self._exit_task)
 
 
 async def _upload(
@@ -233,9 +321,12 @@ async def _upload(
     return None
 
 
-def _start_header(request: ExecutionRequest, memory_cgroup_bytes: int) -> dict[str, Any]:
+def _start_header(
+    request: ExecutionRequest, memory_cgroup_bytes: int, session: bool
+) -> dict[str, Any]:
     return {
         "t": "start",
+        "session": session,
         "tools": list(request.tools),
         "config": request.config,
         "context": request.context,

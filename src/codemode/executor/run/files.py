@@ -10,6 +10,7 @@ following links, so a link the program leaves there cannot point the service at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 
@@ -58,6 +59,10 @@ async def write_inputs(
 async def _write_one(
     directory: int, info: FileInfo, chunks: asyncio.Queue[tuple[str, bytes]]
 ) -> None:
+    # In a session, a file of the same name from an earlier execution is replaced. Only the
+    # service writes /input, so whatever has this name is a file it wrote itself.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(info.name, dir_fd=directory)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(info.name, flags, 0o600, dir_fd=directory)
     try:

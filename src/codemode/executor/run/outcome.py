@@ -78,6 +78,8 @@ class RunOutcome:
     tool_calls: int = 0
     #: The regular files the program left in ``/output``: (name, bytes), sorted by name.
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    #: In a session: the sandbox is still alive and its state kept for the next execution.
+    session_alive: bool = False
 
 
 class LimitHit(Exception):

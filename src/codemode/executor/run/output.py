@@ -34,8 +34,23 @@ class OutputPipe:
         self._queue = queue
         self._loop = asyncio.get_running_loop()
         self._open = True
+        self._eof = False
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self.read_available)
+
+    def restart(
+        self,
+        budget: list[int],
+        on_limit: Callable[[], None],
+        queue: asyncio.Queue[tuple[Stream, bytes]] | None,
+    ) -> None:
+        """Collect the next execution of a session: a fresh budget, buffer and queue."""
+        self.chunks = []
+        self.truncated = False
+        self._budget, self._on_limit, self._queue = budget, on_limit, queue
+        if not self._open and not self._eof:  # stopped at the last budget's end: read again
+            self._open = True
+            self._loop.add_reader(self.fd, self.read_available)
 
     def read_available(self) -> None:
         """Take what the pipe holds now; stop reading at EOF or at the limit."""
@@ -47,6 +62,7 @@ class OutputPipe:
             except OSError:
                 chunk = b""
             if not chunk:
+                self._eof = True
                 self._stop()
                 return
             room = self._budget[0]

@@ -40,7 +40,7 @@ class RunningServer:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running executions finish for ``grace`` s, kill the rest."""
-        self.servicer.accepting = False
+        self.servicer.stop_accepting()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         with contextlib.suppress(TimeoutError):

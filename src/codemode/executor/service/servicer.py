@@ -1,61 +1,56 @@
-"""The Execute and Info RPCs: one stream per execution, relayed to :mod:`codemode.executor.run`.
+"""The Execute, Session and Info RPCs: one stream per execution (or per session).
 
 The servicer stays thin: it validates the start frame into an ``ExecutionRequest``, takes an
 admission slot, and hands the execution to :func:`~codemode.executor.run.execution.run_execution`,
-relaying tool calls to the client and their answers back, then turns the ``RunOutcome`` into
-the wire's result. Refusals go out through ``context.abort``.
+relaying tool calls to the client and their answers back (:mod:`.stream`), then turns the
+``RunOutcome`` into the wire's result. ``Session`` is handed to :mod:`.sessions`. Refusals go
+out through ``context.abort``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from codemode._version import __version__
-from codemode.config import ExecutorConfig
-from codemode.config._defaults import FILE_CHUNK_BYTES
+from codemode.config import ExecutorConfig, LimitsConfig
 from codemode.executor.run.execution import run_execution
 from codemode.executor.run.outcome import (
     ExecutionRequest,
-    FileInfo,
     RunOutcome,
-    Stream,
-    ToolReply,
 )
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.sandbox.factory import PROCESS_WARNING
 from codemode.executor.service.admission import Admission, Overloaded
+from codemode.executor.service.sessions import Sessions
+from codemode.executor.service.stream import ClientProtocolError, ClientStream, check_files
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire.names import (
     CORRELATION_ID,
-    MAX_INPUT_FILES,
     NOT_STARTED_TRAILER,
-    ErrorType,
-    file_name_problem,
 )
 
 logger = logging.getLogger("codemode.executor")
 
 #: How long a client may take to send the start frame after opening the stream, seconds.
 START_FRAME_TIMEOUT_S = 10.0
-_STREAMS = {"stdout": pb.Output.STDOUT, "stderr": pb.Output.STDERR}
-#: Input file chunks read ahead of the writes into the guest (backpressure on the stream).
-_QUEUED_CHUNKS = 4
+_NO_FILES = (
+    "this executor runs programs without a sandbox (isolation=process), which has no /input "
+    "or /output: files need --isolation forkserver or bwrap"
+)
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    """Implements ``Execute`` (one stream, one execution) and ``Info``."""
+    """Implements ``Execute`` (one stream, one execution), ``Session`` and ``Info``."""
 
     def __init__(self, config: ExecutorConfig, backend: SandboxBackend) -> None:
         self._config = config
@@ -64,6 +59,12 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             config.max_concurrent_executions, config.max_queued_executions, config.queue_timeout
         )
         self.accepting = True
+        self._sessions = Sessions(config, backend)
+
+    def stop_accepting(self) -> None:
+        """Refuse new executions and sessions; open sessions end at their next idle moment."""
+        self.accepting = False
+        self._sessions.stop()
 
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -88,6 +89,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 for name, version in self._backend.packages
             ],
             preload_modules=list(self._backend.preload_modules),
+            max_sessions=self._config.max_sessions,
+            open_sessions=self._sessions.open,
+            max_session_ttl_seconds=self._config.max_session_ttl,
         )
 
     # Frames are written with context.write (not yielded) so that tool calls and output from
@@ -119,19 +123,16 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             logger.info("refused a malformed request: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.files and not self._backend.isolated:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this executor runs programs without a sandbox (isolation=process), which has "
-                "no /input or /output: files need --isolation forkserver or bwrap",
-            )
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _NO_FILES)
         if not self.accepting:
             await _abort_not_started(
                 context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down"
             )
+        stream = ClientStream(frames, context)
         try:
             async with self._admission.slot():
                 logger.info("execution started", extra=log)
-                result = await self._run(request, frames, context)
+                result = await self._run(request, stream, context)
         except Overloaded as exc:
             logger.warning("refused: executor overloaded (%s)", exc, extra=log)
             await _abort_not_started(
@@ -139,7 +140,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"executor overloaded: {exc}; retry later",
             )
-        except _ClientProtocolError as exc:
+        except ClientProtocolError as exc:
             logger.warning("client broke the protocol: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (OSError, RuntimeError) as exc:
@@ -149,24 +150,40 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 grpc.StatusCode.INTERNAL, f"executor failed to run the program: {exc}"
             )
         try:
-            for frame in _file_frames(result):
-                await context.write(frame)
-            await context.write(pb.ServerFrame(result=to_wire(result, cid)))
+            await stream.write_outcome(result, to_wire(result, cid))
         finally:
             # Logged once the result is on its way, so the client does not wait for the line;
             # also when the client, having read it, cancels the stream while the write ends.
-            logger.info(
-                "execution finished",
-                extra={
-                    **log,
-                    "success": result.success,
-                    "error_type": result.error_type or None,
-                    "duration_ms": round(result.duration_ms, 3),
-                    "tool_calls": result.tool_calls,
-                },
-            )
+            log_finished(result, log)
 
-    def _validate(self, start: pb.StartExecution, cid: str) -> ExecutionRequest:
+    async def Session(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.ClientFrame],
+        context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
+    ) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        cid = str(metadata.get(CORRELATION_ID) or uuid.uuid4().hex)[:128]
+        frames = aiter(request_iterator)
+        try:
+            async with asyncio.timeout(START_FRAME_TIMEOUT_S):
+                first = await anext(frames)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a session must begin with an open frame"
+            )
+        if first.WhichOneof("frame") != "open_session":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a session must open it"
+            )
+        stream = ClientStream(frames, context, session=True)
+        await self._sessions.serve(
+            first.open_session, stream, context, cid, self._validate, to_wire
+        )
+
+    def _validate(
+        self, start: pb.StartExecution, cid: str, session: LimitsConfig | None = None
+    ) -> ExecutionRequest:
+        """The execution ``start`` asks for; ``session``: the limits of its session."""
         if len(start.code.encode()) > self._config.max_code_bytes:
             raise ValueError(
                 f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes"
@@ -186,8 +203,13 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         for name, value in requested.items():
             if value < 0:
                 raise ValueError(f"limit {name} must not be negative")
-        limits = self._config.limits.lowered(requested)
-        files = _check_files(start.files, limits.max_input_bytes)
+        if session is not None:
+            if requested:
+                raise ValueError("a session's limits are set when it opens, not per execution")
+            if start.files and not self._backend.isolated:
+                raise ValueError(_NO_FILES)
+        limits = self._config.limits.lowered(requested) if session is None else session
+        files = check_files(start.files, limits.max_input_bytes)
         return ExecutionRequest(
             code=start.code,
             tools=tuple(names),
@@ -203,65 +225,36 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     async def _run(
         self,
         request: ExecutionRequest,
-        frames: AsyncIterator[pb.ClientFrame],
+        stream: ClientStream,
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> RunOutcome:
-        pending: dict[str, asyncio.Future[pb.ToolResult]] = {}
-        ids = itertools.count(1)
-        write_lock = asyncio.Lock()
-
-        async def write(frame: pb.ServerFrame) -> None:
-            async with write_lock:
-                await context.write(frame)
-
-        async def call_tool(tool: str, arguments: bytes) -> ToolReply:
-            call_id = str(next(ids))
-            future = pending[call_id] = asyncio.get_running_loop().create_future()
-            await write(
-                pb.ServerFrame(
-                    tool_call=pb.ToolCall(call_id=call_id, tool=tool, arguments_json=arguments)
-                )
-            )
-            answer = await future
-            return ToolReply(answer.ok, answer.value_json, answer.error_type, answer.error_message)
-
-        async def on_output(stream: Stream, data: bytes) -> None:
-            await write(pb.ServerFrame(output=pb.Output(stream=_STREAMS[stream], data=data)))
-
         if request.files:
             # Admitted: the client waits for this before it sends the files' bytes.
             await context.send_initial_metadata(())
-        inputs: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_QUEUED_CHUNKS)
-        execution = asyncio.create_task(
-            run_execution(
-                self._backend,
-                request,
-                call_tool,
-                on_output if request.stream_output else None,
-                inputs,
-            )
-        )
-        reader = asyncio.create_task(
-            _read_client(frames, pending, execution, _FileChunks(request.files, inputs))
-        )
+        on_output = stream.on_output if request.stream_output else None
+        stream.start_reading()
         try:
-            return await execution
-        except asyncio.CancelledError:
-            if not reader.done() or reader.cancelled():
-                raise
-            if isinstance(reader.exception(), _ClientProtocolError):
-                raise reader.exception() from None  # type: ignore[misc]
-            if reader.result() == "cancel":
-                return RunOutcome(
-                    error_type=ErrorType.CANCELLED,
-                    error_message="the application cancelled the execution",
-                )
-            raise
+            return await stream.run(
+                request.files,
+                lambda inputs: run_execution(
+                    self._backend, request, stream.call_tool, on_output, inputs
+                ),
+            )
         finally:
-            reader.cancel()
-            execution.cancel()
-            with contextlib.suppress(BaseException):
-                await execution
+            stream.stop_reading()
+
+
+def log_finished(result: RunOutcome, log: dict[str, Any]) -> None:
+    logger.info(
+        "execution finished",
+        extra={
+            **log,
+            "success": result.success,
+            "error_type": result.error_type or None,
+            "duration_ms": round(result.duration_ms, 3),
+            "tool_calls": result.tool_calls,
+        },
+    )
 
 
 def to_wire(outcome: RunOutcome, correlation_id: str) -> pb.ExecutionResult:
@@ -279,63 +272,8 @@ def to_wire(outcome: RunOutcome, correlation_id: str) -> pb.ExecutionResult:
         tool_calls=outcome.tool_calls,
         output_truncated=outcome.output_truncated,
         files=[pb.FileInfo(name=name, size=len(data)) for name, data in outcome.files],
+        session_alive=outcome.session_alive,
     )
-
-
-def _file_frames(outcome: RunOutcome) -> Iterator[pb.ServerFrame]:
-    """The output files' chunks, sent before the result that lists them."""
-    for name, data in outcome.files:
-        for at in range(0, len(data), FILE_CHUNK_BYTES):
-            chunk = pb.FileChunk(name=name, data=data[at : at + FILE_CHUNK_BYTES])
-            yield pb.ServerFrame(file=chunk)
-
-
-def _check_files(files: Sequence[pb.FileInfo], limit: int) -> tuple[FileInfo, ...]:
-    """The declared input files, checked; raises ``ValueError``."""
-    if len(files) > MAX_INPUT_FILES:
-        raise ValueError(f"{len(files)} input files; at most {MAX_INPUT_FILES} are accepted")
-    names = set()
-    for info in files:
-        problem = file_name_problem(info.name)
-        if problem is not None:
-            raise ValueError(f"input file: {problem}")
-        if info.name in names:
-            raise ValueError(f"input file {info.name!r} is declared twice")
-        if info.size < 0:
-            raise ValueError(f"input file {info.name!r} has a negative size")
-        names.add(info.name)
-    total = sum(info.size for info in files)
-    if total > limit:
-        raise ValueError(
-            f"the input files are {total} bytes; this executor's limit is {limit} "
-            "(limits.max_input_bytes)"
-        )
-    return tuple(FileInfo(info.name, info.size) for info in files)
-
-
-class _FileChunks:
-    """Checks the client's file chunks against the declared files and queues them in order."""
-
-    def __init__(
-        self, files: tuple[FileInfo, ...], queue: asyncio.Queue[tuple[str, bytes]]
-    ) -> None:
-        #: (name, bytes still to come) of the files still open, the next one last.
-        self._todo = [(f.name, f.size) for f in reversed(files) if f.size > 0]
-        self._queue = queue
-
-    async def put(self, chunk: pb.FileChunk) -> None:
-        if not self._todo:
-            raise _ClientProtocolError(f"a chunk of file {chunk.name!r}, which was not declared")
-        name, left = self._todo.pop()
-        size = len(chunk.data)
-        if chunk.name != name or size > left or size > FILE_CHUNK_BYTES:
-            raise _ClientProtocolError(
-                f"file chunk for {chunk.name!r} ({size} bytes) does not follow the declared "
-                f"files (next: {name!r}, {left} bytes left)"
-            )
-        if size < left:
-            self._todo.append((name, left - size))
-        await self._queue.put((chunk.name, chunk.data))
 
 
 def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -349,51 +287,6 @@ def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
     return value
-
-
-class _ClientProtocolError(Exception):
-    """The client sent a frame that makes no sense at this point."""
-
-
-async def _read_client(
-    frames: AsyncIterator[pb.ClientFrame],
-    pending: dict[str, asyncio.Future[pb.ToolResult]],
-    execution: asyncio.Task[Any],
-    files: _FileChunks,
-) -> str:
-    """Route file chunks and tool results; a cancel frame or a protocol error stops the run."""
-    try:
-        async for frame in frames:
-            kind = frame.WhichOneof("frame")
-            if kind == "file":
-                await files.put(frame.file)
-            elif kind == "tool_result":
-                future = pending.pop(frame.tool_result.call_id, None)
-                if future is None:
-                    raise _ClientProtocolError(
-                        f"tool result for unknown call id {frame.tool_result.call_id!r}"
-                    )
-                if not future.done():
-                    future.set_result(frame.tool_result)
-            elif kind == "cancel":
-                execution.cancel()
-                return "cancel"
-            else:
-                raise _ClientProtocolError(f"unexpected {kind or 'empty'} frame after start")
-    except _ClientProtocolError:
-        execution.cancel()
-        raise
-    # The client half-closed: calls still waiting can never be answered.
-    for future in pending.values():
-        if not future.done():
-            future.set_result(
-                pb.ToolResult(
-                    ok=False,
-                    error_type="ConnectionError",
-                    error_message="the application closed the stream",
-                )
-            )
-    return "closed"
 
 
 async def _abort_not_started(
