@@ -108,8 +108,8 @@ class Sessions:
             logger.info("session opened", extra={**log, "ttl_s": ttl})
             stream.start_reading()
             expires = asyncio.get_running_loop().time() + ttl
-            await self._loop(held, stream, (expires, ttl), limits, validate, to_wire, log)
-            logger.info("session closed by the application", extra=log)
+            ended = await self._loop(held, stream, (expires, ttl), limits, validate, to_wire, log)
+            logger.info("session ended: %s", ended, extra=log)
         except SessionEnded as ended:
             logger.info("session ended: %s", ended, extra=log)
             await context.abort(ended.code, str(ended))
@@ -144,8 +144,9 @@ class Sessions:
         validate: Validate,
         to_wire: ToWire,
         log: dict[str, Any],
-    ) -> None:
-        """Run start frames until the client closes (return) or the session ends (raise)."""
+    ) -> str:
+        """Run start frames until the client closes or the sandbox ends (return why), or the
+        session must end with a status (raise :class:`SessionEnded`)."""
         loop = asyncio.get_running_loop()
         idle = self._config.session_idle_timeout
         expires, ttl = life
@@ -173,7 +174,7 @@ class Sessions:
                         grpc.StatusCode.UNAVAILABLE,
                         "executor is shutting down; the session's state is lost",
                     )
-                return
+                return "closed by the application"
             cid = start.correlation_id or uuid.uuid4().hex
             try:
                 request = validate(start, cid, limits)
@@ -198,7 +199,7 @@ class Sessions:
                 },
             )
             if not outcome.session_alive:
-                return  # the result said so; the stream ends with it
+                return f"its sandbox ended with the last execution ({outcome.error_type})"
 
 
 def _with_timeout(request: ExecutionRequest, timeout: float) -> ExecutionRequest:
