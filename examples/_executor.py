@@ -22,7 +22,6 @@ async def executor_config() -> AsyncIterator[ClientConfig]:
         yield ClientConfig.load()  # CODEMODE_EXECUTOR_URL and CODEMODE_EXECUTOR_API_KEY
         return
     from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
-    from codemode.executor.sandbox.process import ProcessBackend
     from codemode.executor.service.server import start_server
 
     key = secrets.token_urlsafe(24)
@@ -31,7 +30,8 @@ async def executor_config() -> AsyncIterator[ClientConfig]:
         backend = make_backend(server_config)
     except IsolationUnavailable as exc:
         print(f"example: no sandbox here, using a plain process: {exc}", file=sys.stderr)
-        backend = ProcessBackend()
+        # The same settings (sandbox venv, preloads), without the sandbox.
+        backend = make_backend(server_config.model_copy(update={"isolation": "process"}))
     running = await start_server(server_config, backend)
     try:
         yield ClientConfig.load(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -95,3 +96,30 @@ def test_crewai_example_answers_offline() -> None:
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer == {"orders": ["A1", "A3"], "total_eur": 14.26}
+
+
+def test_pandas_report_example(sandbox_venv: Path) -> None:
+    """``examples/pandas_report.py`` with the test sandbox venv and pandas preloaded: the
+    program's DataFrame aggregate, its CSV in /output and the result."""
+    env = dict(
+        os.environ,
+        CODEMODE_SANDBOX_VENV=str(sandbox_venv),
+        CODEMODE_PRELOAD_MODULES="pandas",
+    )
+    env.pop("CODEMODE_EXECUTOR_URL", None)
+    done = subprocess.run(
+        [sys.executable, "examples/pandas_report.py"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "region,revenue\nUS,289.8\n" in done.stdout
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "US": 289.8,
+        "APAC": 140.0,
+        "EU": 112.5,
+    }
