@@ -4,6 +4,9 @@ Run with the baseline venv's interpreter (``bench/setup_baseline.sh`` makes it):
 
     /work/baseline-venv/bin/python bench/baseline_opencodemode.py [--smoke]
 
+``--programs N`` runs only the incumbent's round of ``bench/programs.py`` (which starts it) and
+prints it as JSON.
+
 The incumbent installs under the import name ``codemode`` too, which is why it lives in its own
 venv and this script must never run with the project's interpreter.
 
@@ -32,11 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import secrets
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,7 +123,15 @@ def code_gather(calls: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-async def bench(smoke: bool) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def incumbent(
+    tools: dict[str, Any], threads: int
+) -> AsyncIterator[tuple[benchlib.Execute, int]]:
+    """(execute, executor pid) of the incumbent serving ``tools``, stopped on exit.
+
+    ``execute`` runs one program with ``Codemode.execute`` on a pool of ``threads`` worker
+    threads and returns its JSON result (an ``ERROR:`` reply raises ``AssertionError``).
+    """
     import grpc
     from codemode import Codemode
     from codemode.config import ClientConfig
@@ -125,14 +139,12 @@ async def bench(smoke: bool) -> dict[str, Any]:
     from codemode.grpc.server import ToolService
     from codemode.protos import codemode_pb2_grpc
 
-    sizes = benchlib.SMOKE if smoke else benchlib.FULL
     api_key = secrets.token_hex(16)
 
     # The ToolService must be up first: the executor is configured with its address.
     registry = ComponentRegistry()
-    registry.register_tool("echo", benchlib.Echo())
-    registry.register_tool("aecho", benchlib.AsyncEcho())
-    registry.register_tool("sleepy", benchlib.Sleepy(sizes["e_sleep_s"]))
+    for name, tool in tools.items():
+        registry.register_tool(name, tool)
     tool_server = grpc.aio.server()
     codemode_pb2_grpc.add_ToolServiceServicer_to_server(ToolService(registry, api_key), tool_server)
     tool_port = tool_server.add_insecure_port("127.0.0.1:0")
@@ -155,8 +167,7 @@ async def bench(smoke: bool) -> dict[str, Any]:
         stderr=log,
         env=env,
     )
-    workloads: dict[str, Any] = {}
-    pool = ThreadPoolExecutor(max_workers=max(16, sizes["c_in_flight"]), thread_name_prefix="exec")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="exec")
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
@@ -176,6 +187,31 @@ async def bench(smoke: bool) -> dict[str, Any]:
                 raise AssertionError(out)
             return out
 
+        yield execute, proc.pid
+        codemode.close()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await tool_server.stop(None)
+        log.close()
+        benchlib.remove_file(log.name)
+
+
+async def bench(smoke: bool) -> dict[str, Any]:
+    sizes = benchlib.SMOKE if smoke else benchlib.FULL
+    tools = {
+        "echo": benchlib.Echo(),
+        "aecho": benchlib.AsyncEcho(),
+        "sleepy": benchlib.Sleepy(sizes["e_sleep_s"]),
+    }
+    workloads: dict[str, Any] = {}
+    async with incumbent(tools, max(16, sizes["c_in_flight"])) as (execute, pid):
         # Warm up: metadata fetch, channel, page cache.
         await benchlib.sequential(execute, benchlib.CODE_TRIVIAL, 4, sizes["warmup"])
         await benchlib.timed(execute, code_sync_tool(2), 2)
@@ -194,8 +230,8 @@ async def bench(smoke: bool) -> dict[str, Any]:
         )
 
         print("c/d. concurrent `sum(range(1000))` with RSS/PSS sampling ...", flush=True)
-        idle, idle_pss = benchlib.tree_memory_bytes(proc.pid)
-        with benchlib.RssSampler(proc.pid) as sampler, benchlib.CpuMeter(proc.pid) as cpu:
+        idle, idle_pss = benchlib.tree_memory_bytes(pid)
+        with benchlib.RssSampler(pid) as sampler, benchlib.CpuMeter(pid) as cpu:
             workloads["c_concurrent"] = await benchlib.concurrent(
                 execute,
                 benchlib.CODE_SUM,
@@ -217,31 +253,46 @@ async def bench(smoke: bool) -> dict[str, Any]:
             "total_ms_p50": benchlib.summarize_ms(samples)["p50_ms"],
             "total_ms_max": benchlib.summarize_ms(samples)["max_ms"],
         }
-        codemode.close()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await tool_server.stop(None)
-        log.close()
-        benchlib.remove_file(log.name)
     return workloads
+
+
+async def programs(n: int, tool_calls: int, tool_reps: int) -> dict[str, Any]:
+    """One incumbent round of ``bench/programs.py``: the pandas program ``n`` times in a row,
+    then the sync tool's per-call cost (``tool_calls`` calls, ``tool_reps`` interleaved reps)."""
+    async with incumbent({"echo": benchlib.Echo()}, 1) as (execute, _):
+        # Warm up: metadata fetch, channel, page cache (pandas' files included).
+        await benchlib.timed(execute, benchlib.CODE_PANDAS, benchlib.PANDAS_RESULT)
+        await benchlib.timed(execute, benchlib.CODE_TRIVIAL, 4)
+        await benchlib.timed(execute, code_sync_tool(2), 2)
+        pandas_s = await benchlib.sequential(
+            execute, benchlib.CODE_PANDAS, benchlib.PANDAS_RESULT, n
+        )
+        sync_tool = await benchlib.tool_loop(execute, code_sync_tool, tool_calls, tool_reps)
+    return {"pandas_s": pandas_s, "sync_tool": sync_tool}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks it works")
     parser.add_argument("--serve-executor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--programs",
+        type=int,
+        metavar="N",
+        help="only bench/programs.py's round: the pandas program N times and the sync tool "
+        "loop; prints one JSON object and writes no file",
+    )
+    parser.add_argument("--tool-calls", type=int, default=50, help="with --programs")
+    parser.add_argument("--tool-reps", type=int, default=5, help="with --programs")
     args = parser.parse_args()
 
     version = _check_incumbent()
     if args.serve_executor:
         asyncio.run(_serve_executor())
+        return
+    if args.programs is not None:
+        doc = asyncio.run(programs(args.programs, args.tool_calls, args.tool_reps))
+        print(json.dumps({"impl": f"opencodemode {version}", **doc}))
         return
 
     started = time.perf_counter()

@@ -54,6 +54,10 @@ SMOKE = {
 # incumbent's guest has no top-level ``await`` and proxies a tool as ``tools[name].run``.
 CODE_TRIVIAL = "result = 2 + 2"
 CODE_SUM = "result = sum(range(1000))"
+#: bench/programs.py's program with a package: the sandbox imports pandas (the incumbent's guest
+#: imports it from its own venv, where ``bench/setup_baseline.sh`` installs it).
+CODE_PANDAS = "import pandas as pd; result = int(pd.DataFrame({'a': range(1000)}).a.sum())"
+PANDAS_RESULT = sum(range(1000))
 
 
 def percentile(values: list[float], q: float) -> float:

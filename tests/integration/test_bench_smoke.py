@@ -37,6 +37,7 @@ def _run(script: str, results: Path, *args: str) -> dict:
         "floor.py": "floor",
         "sidebyside.py": "sidebyside",
         "pagefaults.py": "pagefaults",
+        "programs.py": "programs",
     }[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
@@ -70,6 +71,21 @@ def test_growth_smoke(tmp_path: Path) -> None:
     assert {"calls", "per_call_ms"} <= series["tool_calls"][0].keys()
     assert {"bytes", "p50_ms"} <= series["tool_arg_size"][0].keys()
     assert {"in_flight", "exec_per_s", "p50_ms", "p99_ms"} <= series["concurrency"][0].keys()
+
+
+@pytest.mark.timeout(110)
+def test_programs_smoke(tmp_path: Path, sandbox_venv: Path) -> None:
+    """``bench/programs.py --smoke`` (ours only) runs every real-program workload, each value
+    checked, and fills every row of its table."""
+    doc = _run("programs.py", tmp_path, "--no-baseline", f"--sandbox-venv={sandbox_venv}")
+    workloads = doc["workloads"]
+    for key in ("pandas_preload", "pandas_venv", "trivial_plain", "trivial_preload", "file"):
+        assert workloads[key]["p50_ms"] > 0
+    assert workloads["session_increment"]["n"] > 0
+    assert workloads["sync_tool_per_call_ms"]["codemode"] is not None
+    rows = [row["workload"] for row in workloads["table"]]
+    assert len(rows) == 10
+    assert any(row.startswith("7. session") for row in rows)
 
 
 @pytest.mark.timeout(60)
