@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -385,6 +387,56 @@ async def test_process_backend_honours_the_venv(servers: Servers, sandbox_venv: 
         assert any(p["name"] == "pandas" for p in info["packages"])
     finally:
         servers.stop(server)
+
+
+def _tiny_venv(root: Path) -> Path:
+    """A venv (no pip) whose site-packages holds one pure-Python distribution, ``tinypkg``,
+    with a submodule that is only imported on first use."""
+    subprocess.run(
+        [_base_python(), "-m", "venv", "--without-pip", str(root)], check=True, timeout=60
+    )
+    site = next((root / "lib").glob("python*/site-packages"))
+    package = site / "tinypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "def later():\n    from tinypkg import lazy\n    return lazy.VALUE\n"
+    )
+    (package / "lazy.py").write_text("VALUE = 42\n")
+    info = site / "tinypkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
+    return root
+
+
+def _base_python() -> str:
+    candidate = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    return str(candidate) if candidate.exists() else os.path.realpath(sys.executable)
+
+
+@pytest.mark.parametrize("isolation", ["auto", "bwrap"])
+async def test_a_venv_under_tmp_is_seen_whole(servers: Servers, isolation: str) -> None:
+    """A venv under the host's /tmp, which every guest covers with its own /tmp, is still
+    importable, lazy submodules of a preloaded package included, at a sandbox path of its own."""
+    root = Path(tempfile.mkdtemp(prefix="codemode-venv-", dir="/tmp"))
+    try:
+        venv = _tiny_venv(root / "venv")
+        server = servers.start(
+            api_key=secrets.token_urlsafe(24),
+            isolation=isolation,
+            extra_args=["--sandbox-venv", str(venv), "--preload", "tinypkg"],
+        )
+        try:
+            async with await _client(server) as codemode:
+                got = await run(
+                    codemode, "import tinypkg\nresult = [tinypkg.later(), tinypkg.__file__]"
+                )
+                info = await codemode.client.info_async()
+        finally:
+            servers.stop(server)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert got == [42, "/codemode/site-packages/tinypkg/__init__.py"]
+    assert {"name": "tinypkg", "version": "1.0"} in info["packages"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from codemode.executor.sandbox.interface import (
 )
 from codemode.executor.sandbox.runtime import (
     GUEST_MOUNT,
+    SANDBOX_SITE_PACKAGES,
     RuntimeLayout,
     SandboxUnavailable,
     discover_runtime,
@@ -377,20 +378,23 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         if self.sandbox_venv is not None:
             self.venv = inspect_venv(self.sandbox_venv)
             self.packages = tuple((p.name, p.version) for p in self.venv.packages)
-            extra += [self.venv.site_packages, *self.venv.libraries]
+            extra += self.venv.libraries
         if self._identity is None:
             self._identity = IdentityFiles(self.uid_base, self.uid_count)
+        binds = self._identity.binds()
+        if self.venv is not None:
+            binds.append((self.venv.site_packages, SANDBOX_SITE_PACKAGES))
         return discover_runtime(
             extra=extra,
-            files=self._identity.binds(),
+            files=binds,
             symlinks=[(GUEST_HOME, HOME_TARGET)],
             env=sorted(self.guest_env.items()),
         )
 
     @property
     def site_dirs(self) -> list[str]:
-        """What a guest puts on ``sys.path`` besides the standard library."""
-        return [self.venv.site_packages] if self.venv is not None else []
+        """What a guest puts on ``sys.path`` besides the standard library (sandbox paths)."""
+        return [SANDBOX_SITE_PACKAGES] if self.venv is not None else []
 
     @property
     def memory_cgroup_bytes(self) -> int:

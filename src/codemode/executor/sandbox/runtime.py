@@ -21,6 +21,9 @@ from pathlib import Path
 
 #: Where the guest folder appears inside every sandbox.
 GUEST_MOUNT = "/codemode/guest"
+#: Where a sandbox sees the sandbox venv's site-packages, wherever it lives on the host (a host
+#: path under /tmp, say, would be hidden by each guest's own /tmp).
+SANDBOX_SITE_PACKAGES = "/codemode/site-packages"
 
 
 class SandboxUnavailable(RuntimeError):
@@ -37,7 +40,7 @@ class RuntimeLayout:
     symlinks: tuple[tuple[str, str], ...]  # (path in sandbox, link target)
     masks: tuple[str, ...]  # directories hidden behind an empty read-only tmpfs
     setpriv: str
-    #: Host files bound read-only at another path: (host path, path in sandbox).
+    #: Host files or directories bound read-only at another path: (host path, path in sandbox).
     files: tuple[tuple[str, str], ...] = ()
     #: The guest's environment besides ``LANG`` (bwrap starts from an empty one).
     env: tuple[tuple[str, str], ...] = ()
@@ -94,8 +97,9 @@ def discover_runtime(
     """Lay out this interpreter, its standard library and shared libraries, and setpriv.
 
     ``extra``: more host files or directories to bind read-only at their own path (resolved
-    like the runtime's); ``files``: (host file, path in sandbox) binds; ``symlinks``: (path in
-    sandbox, target) links to make; ``env``: (name, value) pairs of the guest's environment.
+    like the runtime's); ``files``: (host file or directory, path in sandbox) binds;
+    ``symlinks``: (path in sandbox, target) links to make; ``env``: (name, value) pairs of the
+    guest's environment.
     """
     exe = os.path.realpath(executable or sys.executable)
     stdlib = sysconfig.get_path("stdlib")

@@ -2,8 +2,8 @@
 
 :func:`inspect_venv` checks, once at a backend's start, that a directory is a venv made for
 the sandbox's interpreter (same major.minor), and reads what the sandbox needs of it: its
-site-packages (bound read-only at the same path), the host shared libraries its extension
-modules load from outside it (``ldd``), and its distributions by name and version
+site-packages (bound read-only at ``/codemode/site-packages``), the host shared libraries its
+extension modules load from outside it (``ldd``), and its distributions by name and version
 (``importlib.metadata``, read here on the host, never in the sandbox). Nothing else of the
 venv (its ``bin``, its ``pyvenv.cfg``, its parent) becomes visible. ``.pth`` files are not
 run: the guest puts site-packages on ``sys.path`` itself.
