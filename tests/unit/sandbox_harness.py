@@ -94,6 +94,11 @@ async def run(
 
 def processes_of(uid: int) -> list[int]:
     """Pids of the host's processes running as ``uid``."""
+    return processes_in(range(uid, uid + 1))
+
+
+def processes_in(uids: range) -> list[int]:
+    """Pids of the host's processes running as any uid of ``uids`` (one pass over /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -103,9 +108,14 @@ def processes_of(uid: int) -> list[int]:
         except OSError:
             continue
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        if int(uid_line.split()[1]) == uid:
+        if int(uid_line.split()[1]) in uids:
             found.append(int(entry.name))
     return found
+
+
+def backend_uids(backend: Any) -> range:
+    """Every uid ``backend`` may give a guest (it starts at a random point of its range)."""
+    return range(backend.uid_base, backend.uid_base + backend.uid_count)
 
 
 def writes_that_succeed(paths: str, mode: str) -> str:

@@ -18,7 +18,7 @@ from codemode.executor.guest.protocol import encode_frame
 from codemode.executor.sandbox import GuestFds
 from codemode.executor.sandbox.bwrap import BwrapBackend
 from codemode.executor.sandbox.host import DEFAULT_UID_BASE
-from tests.unit.sandbox_harness import processes_of, run
+from tests.unit.sandbox_harness import backend_uids, processes_in, processes_of, run
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -43,7 +43,7 @@ async def test_close_leaves_no_cgroup_or_process() -> None:
     exit_ = await guest.wait()
     assert exit_.signal == 9
     assert processes_of(guest.uid) == []  # type: ignore[attr-defined]
-    assert not [p for u in range(b.uid_base, b.uid_base + 8) for p in processes_of(u)]
+    assert not processes_in(backend_uids(b))
     for group in groups:
         assert not group.exists()
     ours.close()

@@ -26,7 +26,13 @@ from codemode.executor.sandbox.forkserver import ForkServerBackend
 from codemode.executor.sandbox.runtime import SandboxUnavailable
 from tests.helpers import wait_until
 from tests.unit.sandbox_harness import FORKSERVER_UID_BASE as UID_BASE
-from tests.unit.sandbox_harness import processes_of, run, writes_that_succeed
+from tests.unit.sandbox_harness import (
+    backend_uids,
+    processes_in,
+    processes_of,
+    run,
+    writes_that_succeed,
+)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -219,7 +225,7 @@ async def test_zygote_death_leaves_nothing_and_a_new_one_serves() -> None:
         assert exit_.signal == 9
         assert processes_of(guest.uid) == []
         await asyncio.sleep(0.2)
-        assert not [p for u in range(b.uid_base, b.uid_base + 32) for p in processes_of(u)]
+        assert not processes_in(backend_uids(b))
         for procs in groups:  # removed, or emptied and kept for reuse by the backend
             assert _group_empty(procs)
         sock.close()
@@ -250,7 +256,7 @@ async def test_close_stops_the_zygote_and_leaves_nothing() -> None:
     exit_ = await guest.wait()
     assert exit_.signal == 9
     assert not _alive(zygote)
-    assert not [p for u in range(b.uid_base, b.uid_base + 16) for p in processes_of(u)]
+    assert not processes_in(backend_uids(b))
     for group in groups:
         assert not group.exists()
     sock.close()

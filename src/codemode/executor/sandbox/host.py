@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -318,7 +319,9 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         self.seccomp_problem: str | None = None
         self._bwrap_path = ""
         self._uids_in_use: set[int] = set()
-        self._uid_cursor = 0
+        # A random start: two services on one host (tests, a restart beside an old one) then
+        # rarely hand out the same uid, whose RLIMIT_NPROC budget their guests would share.
+        self._uid_cursor = secrets.randbelow(uid_count)
         self._pool: collections.deque[_G] = collections.deque()
         self._refill_task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
