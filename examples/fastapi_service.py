@@ -77,6 +77,9 @@ def main() -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
+    # Listening now, so a client that connects while the app still starts up waits in the
+    # backlog instead of being refused.
+    sock.listen(128)
     print(f"fastapi_service: listening on http://{host}:{port}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     asyncio.run(server.serve(sockets=[sock]))
