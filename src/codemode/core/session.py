@@ -197,13 +197,7 @@ class Session:
         :class:`SessionLostError` (:class:`SessionExpiredError`) when the session cannot run it.
         """
         request = Request(code, available_tools, config, execution_timeout, context, files=files)
-        outcome: ExecutionResult | None = None
-        async for event in self._events(request):
-            if isinstance(event, ResultEvent):
-                outcome = event.result
-        if outcome is None:  # the stream always ends with a result or raises
-            raise ExecutorClientError("executor closed the stream without a result")
-        return outcome
+        return await self._run(request)
 
     async def execute_async(
         self,
@@ -216,16 +210,17 @@ class Session:
         files: Mapping[str, bytes] | None = None,
     ) -> str | None:
         """Run ``code`` in the session; its ``result`` JSON-encoded, as in ``execute_async``."""
-        return unwrap(
-            await self.run_async(
-                code,
-                available_tools=available_tools,
-                config=config,
-                execution_timeout=execution_timeout,
-                context=context,
-                files=files,
-            )
-        )
+        request = Request(code, available_tools, config, execution_timeout, context, files=files)
+        return unwrap(await self._run(request))
+
+    async def _run(self, request: Request) -> ExecutionResult:
+        outcome: ExecutionResult | None = None
+        async for event in self._events(request):
+            if isinstance(event, ResultEvent):
+                outcome = event.result
+        if outcome is None:  # the stream always ends with a result or raises
+            raise ExecutorClientError("executor closed the stream without a result")
+        return outcome
 
     async def run_on_its_loop(self, code: str, **options: Any) -> ExecutionResult:
         """:meth:`run_async` on the loop the session was opened on, from any loop or thread

@@ -101,21 +101,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        cid = str(metadata.get(CORRELATION_ID) or uuid.uuid4().hex)[:128]
+        cid, frames, first = await _opening(request_iterator, context, "start")
         log = {"correlation_id": cid}
-        frames = aiter(request_iterator)
-        try:
-            async with asyncio.timeout(START_FRAME_TIMEOUT_S):  # no task, unlike wait_for
-                first = await anext(frames)
-        except (StopAsyncIteration, TimeoutError):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the stream must begin with a start frame"
-            )
-        if first.WhichOneof("frame") != "start":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a start frame"
-            )
         start = first.start
         try:
             request = self._validate(start, cid)
@@ -161,20 +148,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        cid = str(metadata.get(CORRELATION_ID) or uuid.uuid4().hex)[:128]
-        frames = aiter(request_iterator)
-        try:
-            async with asyncio.timeout(START_FRAME_TIMEOUT_S):
-                first = await anext(frames)
-        except (StopAsyncIteration, TimeoutError):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "a session must begin with an open frame"
-            )
-        if first.WhichOneof("frame") != "open_session":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a session must open it"
-            )
+        cid, frames, first = await _opening(request_iterator, context, "open_session")
         stream = ClientStream(frames, context, session=True)
         await self._sessions.serve(
             first.open_session, stream, context, cid, self._validate, to_wire
@@ -287,6 +261,30 @@ def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
     return value
+
+
+async def _opening(
+    request_iterator: AsyncIterator[pb.ClientFrame],
+    context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
+    kind: str,
+) -> tuple[str, AsyncIterator[pb.ClientFrame], pb.ClientFrame]:
+    """The stream's correlation id, its frames, and the first one, which must be a ``kind``
+    frame that arrives within ``START_FRAME_TIMEOUT_S``."""
+    metadata = dict(context.invocation_metadata() or ())
+    cid = str(metadata.get(CORRELATION_ID) or uuid.uuid4().hex)[:128]
+    frames = aiter(request_iterator)
+    first: pb.ClientFrame | None = None
+    try:
+        async with asyncio.timeout(START_FRAME_TIMEOUT_S):  # no task, unlike wait_for
+            first = await anext(frames)
+    except (StopAsyncIteration, TimeoutError):
+        pass
+    if first is None or first.WhichOneof("frame") != kind:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the stream must begin with a {kind} frame"
+        )
+    assert first is not None  # abort raised otherwise
+    return cid, frames, first
 
 
 async def _abort_not_started(
