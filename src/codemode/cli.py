@@ -140,12 +140,11 @@ def _doctor(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"codemode doctor: {exc}", file=sys.stderr)
         return 2
-    checks = check_host()
+    host = check_host()
+    isolated = isolation_ready(host)
     venv = str(config.sandbox_venv) if config.sandbox_venv is not None else None
-    contents, packages = contents_checks(
-        venv, config.preload_modules, sandboxed=isolation_ready(checks)
-    )
-    checks += contents
+    contents, packages = contents_checks(venv, config.preload_modules, sandboxed=isolated)
+    checks = host + contents
     width = max(len(c.name) for c in checks)
     for check in checks:
         mark = "ok  " if check.ok else ("MISS" if check.required else "warn")
@@ -157,7 +156,7 @@ def _doctor(args: argparse.Namespace) -> int:
         print("packages: " + ", ".join(f"{p.name} {p.version}" for p in packages))
     if config.preload_modules:
         print("preload:  " + ", ".join(config.preload_modules))
-    if not isolation_ready(checks[: len(checks) - len(contents)]):
+    if not isolated:
         print(
             "isolation: NOT available; `codemode serve` refuses to start (or --isolation=process)"
         )

@@ -81,44 +81,39 @@ async def test_fastapi_service_shapes_errors_for_the_model(fastapi_service: str)
     assert 'File "<codemode>", line 1' in body["for_the_model"]
 
 
-def test_crewai_example_answers_offline() -> None:
-    """``examples/crewai_crew.py`` runs a crew on an in-process executor and prints the answer."""
-    env = dict(os.environ, CREWAI_STORAGE_DIR="codemode-tests")
+def _run_example(script: str, **env: str) -> str:
+    """Run ``examples/<script>`` with ``env`` added (and no executor URL); its stdout."""
+    environ = {k: v for k, v in os.environ.items() if k != "CODEMODE_EXECUTOR_URL"}
     done = subprocess.run(
-        [sys.executable, "examples/crewai_crew.py"],
+        [sys.executable, f"examples/{script}"],
         cwd=REPO_ROOT,
-        env=env,
+        env={**environ, **env},
         capture_output=True,
         text=True,
         timeout=110,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def test_crewai_example_answers_offline() -> None:
+    """``examples/crewai_crew.py`` runs a crew on an in-process executor and prints the answer."""
+    stdout = _run_example("crewai_crew.py", CREWAI_STORAGE_DIR="codemode-tests")
+    answer = json.loads(stdout.strip().splitlines()[-1])
     assert answer == {"orders": ["A1", "A3"], "total_eur": 14.26}
 
 
 def test_pandas_report_example(sandbox_venv: Path) -> None:
     """``examples/pandas_report.py`` with the test sandbox venv and pandas preloaded: the
     program's DataFrame aggregate, its CSV in /output and the result."""
-    env = dict(
-        os.environ,
+    stdout = _run_example(
+        "pandas_report.py",
         CODEMODE_SANDBOX_VENV=str(sandbox_venv),
         CODEMODE_PRELOAD_MODULES="pandas",
     )
-    env.pop("CODEMODE_EXECUTOR_URL", None)
-    done = subprocess.run(
-        [sys.executable, "examples/pandas_report.py"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "region,revenue\nUS,289.8\n" in done.stdout
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+    assert "region,revenue\nUS,289.8\n" in stdout
+    assert json.loads(stdout.strip().splitlines()[-1]) == {
         "US": 289.8,
         "APAC": 140.0,
         "EU": 112.5,

@@ -80,8 +80,8 @@ def argv_head(bwrap: str, layout: RuntimeLayout, limits: LimitsConfig) -> list[s
     """bwrap's options for one sandbox up to its descriptors: namespaces and file system."""
     tmpfs = str(limits.tmpfs_bytes)
     argv = [*bwrap_namespaces(bwrap), "--proc", "/proc", "--dev", "/dev"]
-    # The private /tmp first, so that a runtime path under the host's /tmp (a sandbox venv
-    # there, say) is bound over it rather than hidden by it.
+    # The private /tmp first, so that a runtime path under the host's /tmp (a library an
+    # extension loads from there, say) is bound over it rather than hidden by it.
     argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", SANDBOX_TMP]
     argv += ["--perms", "01777", "--size", tmpfs, "--tmpfs", SANDBOX_SHM]
     argv += bwrap_runtime(layout)
@@ -190,14 +190,21 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
             options += ["--preload", ",".join(self.preload_modules)]
         return [*options, "--home", HOME_TARGET]
 
-    def command(self, uid: int, seccomp_fd: int | None, info_fd: int, control_fd: int) -> list[str]:
-        """The bwrap command line for one sandbox (without the launcher)."""
+    def command(
+        self, uid: int, seccomp_fd: int | None, info_fd: int, control_fd: int | None
+    ) -> list[str]:
+        """The bwrap command line for one sandbox (without the launcher). Its guest waits on
+        ``control_fd`` for a request, or, with None, only checks the preloads import."""
         assert self.layout is not None
         program = ["-I", "-S", "-B", GUEST_MOUNT, *self.guest_options()]
-        program += ["--fds-from", str(control_fd)]
+        program += ["--check"] if control_fd is None else ["--fds-from", str(control_fd)]
         return sandbox_argv(
             self._argv_head, self.layout, uid, program, seccomp_fd=seccomp_fd, info_fd=info_fd
         )
+
+    def _launched(self, procs_files: list[str], command: list[str]) -> list[str]:
+        """``command`` behind the launcher, which first joins the cgroups of ``procs_files``."""
+        return ["/bin/sh", "-c", self._launcher, "codemode-launch", *procs_files, "--", *command]
 
     async def _warm_up(self) -> None:
         """Import the preloads once in a sandbox like the guests': a failure stops the start.
@@ -209,23 +216,10 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
         assert self.layout is not None
         uid = self._take_uid()
         try:
-            program = ["-I", "-S", "-B", GUEST_MOUNT, *self.guest_options(), "--check"]
             proc, info_r = await start_bwrap(
-                lambda seccomp_fd, info_fd: [
-                    "/bin/sh",
-                    "-c",
-                    self._launcher,
-                    "codemode-launch",
-                    "--",
-                    *sandbox_argv(
-                        self._argv_head,
-                        self.layout,  # type: ignore[arg-type]
-                        uid,
-                        program,
-                        seccomp_fd=seccomp_fd,
-                        info_fd=info_fd,
-                    ),
-                ],
+                lambda seccomp_fd, info_fd: self._launched(
+                    [], self.command(uid, seccomp_fd, info_fd, None)
+                ),
                 [],
                 self._seccomp_bpf,
                 stderr=asyncio.subprocess.PIPE,
@@ -289,15 +283,9 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
                 )
             procs_files = group.procs_files if group else []
             proc, info_r = await start_bwrap(
-                lambda seccomp_fd, info_fd: [
-                    "/bin/sh",
-                    "-c",
-                    self._launcher,
-                    "codemode-launch",
-                    *procs_files,
-                    "--",
-                    *self.command(uid, seccomp_fd, info_fd, theirs.fileno()),
-                ],
+                lambda seccomp_fd, info_fd: self._launched(
+                    procs_files, self.command(uid, seccomp_fd, info_fd, theirs.fileno())
+                ),
                 [theirs.fileno()],
                 self._seccomp_bpf,
                 stderr=asyncio.subprocess.DEVNULL,

@@ -401,8 +401,7 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
 
     @property
     def memory_cgroup_bytes(self) -> int:
-        support = self.cgroup_support
-        if support is None or self._cgroups is None or "memory" in self._missing_controllers:
+        if self._cgroups is None or "memory" in self._missing_controllers:
             return 0
         return self.limits.memory_bytes
 

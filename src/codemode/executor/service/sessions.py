@@ -182,7 +182,7 @@ class Sessions:
                 raise SessionEnded(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             left = expires - loop.time()
             if request.timeout > left:
-                request = _with_timeout(request, max(left, 0.001))
+                request = dataclasses.replace(request, timeout=max(left, 0.001))
             on_output = stream.on_output if request.stream_output else None
             run = functools.partial(held.run, request, stream.call_tool, on_output, session=True)
             outcome = await stream.run(request.files, run)
@@ -200,10 +200,6 @@ class Sessions:
             )
             if not outcome.session_alive:
                 return f"its sandbox ended with the last execution ({outcome.error_type})"
-
-
-def _with_timeout(request: ExecutionRequest, timeout: float) -> ExecutionRequest:
-    return dataclasses.replace(request, timeout=timeout)
 
 
 async def _refuse(

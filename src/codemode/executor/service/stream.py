@@ -137,8 +137,7 @@ class ClientStream:
     async def _read(self) -> None:
         try:
             async for frame in self._frames:
-                self._route(frame)
-                if frame.WhichOneof("frame") == "file" and self._files is not None:
+                if self._route(frame) == "file" and self._files is not None:
                     await self._files.put(frame.file)
         except ClientProtocolError as exc:
             self.protocol_error = exc
@@ -158,7 +157,8 @@ class ClientStream:
                 )
         self.starts.put_nowait(END)
 
-    def _route(self, frame: pb.ClientFrame) -> None:
+    def _route(self, frame: pb.ClientFrame) -> str | None:
+        """Deliver ``frame``, but a file chunk (which may wait for room); returns its kind."""
         kind = frame.WhichOneof("frame")
         if kind == "tool_result":
             future = self._pending.pop(frame.tool_result.call_id, None)
@@ -180,6 +180,7 @@ class ClientStream:
         else:
             what = "between executions" if self._execution is None else "after start"
             raise ClientProtocolError(f"unexpected {kind or 'empty'} frame {what}")
+        return kind
 
 
 def _cancelling() -> bool:
