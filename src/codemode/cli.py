@@ -1,4 +1,4 @@
-"""The ``codemode`` command: ``serve``, ``exec`` and ``doctor``."""
+"""The ``codemode`` command: ``serve``, ``exec``, ``mcp`` and ``doctor``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import os
 import secrets
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,34 +62,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _exec_embedded(code: str, timeout: float | None) -> Any:
-    """Run ``code`` on an executor started in this process for the occasion."""
-    from codemode.core.codemode import Codemode
+@asynccontextmanager
+async def _embedded_executor(
+    command: str, sandbox_venv: str | None = None, preload: str | None = None
+) -> AsyncIterator[ClientConfig]:
+    """An executor started in this process for the occasion; yields the config to reach it."""
     from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
     from codemode.executor.sandbox.process import ProcessBackend
     from codemode.executor.service.server import start_server
 
     key = secrets.token_urlsafe(24)
-    server_config = ExecutorConfig.load(host="127.0.0.1", port=0, api_key=key)
+    server_config = ExecutorConfig.load(
+        host="127.0.0.1",
+        port=0,
+        api_key=key,
+        sandbox_venv=sandbox_venv,
+        preload_modules=preload,
+    )
     try:
         backend = make_backend(server_config)
     except IsolationUnavailable as exc:
         print(
-            f"codemode exec: no sandbox here; running the program as a plain process:\n{exc}",
+            f"codemode {command}: no sandbox here; running programs as plain processes:\n{exc}",
             file=sys.stderr,
         )
         backend = ProcessBackend()
     running = await start_server(server_config, backend)
     try:
-        client_config = ClientConfig.load(
+        yield ClientConfig.load(
             executor_url=f"http://127.0.0.1:{running.port}", executor_api_key=key
         )
-        async with Codemode.from_client_config(client_config) as codemode:
-            return await codemode.run_async(code, execution_timeout=timeout)
     finally:
         # With a grace, even with no call left, the server's goodbye (GOAWAY) carries no error;
         # with none it cancels "all calls" and the client's closing connection logs that.
         await running.stop(1.0)
+
+
+async def _exec_embedded(code: str, timeout: float | None) -> Any:
+    """Run ``code`` on an executor started in this process for the occasion."""
+    from codemode.core.codemode import Codemode
+
+    async with (
+        _embedded_executor("exec") as client_config,
+        Codemode.from_client_config(client_config) as codemode,
+    ):
+        return await codemode.run_async(code, execution_timeout=timeout)
 
 
 async def _exec_remote(code: str, timeout: float | None) -> Any:
@@ -171,6 +190,73 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _mcp_main(args: argparse.Namespace, token: str | None) -> None:
+    from codemode.core.codemode import Codemode
+    from codemode.mcp.server import build_server, load_tools_option, serve_http, serve_stdio
+
+    registry, mcp_servers = load_tools_option(args.tools) if args.tools else (None, None)
+    url = args.executor_url or os.environ.get("CODEMODE_EXECUTOR_URL")
+    async with AsyncExitStack() as stack:
+        if url:
+            client_config = ClientConfig.load(executor_url=url)
+        else:
+            client_config = await stack.enter_async_context(
+                _embedded_executor("mcp", args.sandbox_venv, args.preload)
+            )
+        codemode = await stack.enter_async_context(
+            Codemode.from_client_config(client_config, registry)
+        )
+        if mcp_servers is not None:
+            from codemode.mcp.tools import from_mcp_config
+
+            await stack.enter_async_context(from_mcp_config(codemode.registry, mcp_servers))
+        server = build_server(
+            codemode, sessions=not args.no_sessions, session_ttl=args.session_ttl, host=args.host
+        )
+        if args.transport == "stdio":
+            await serve_stdio(server)
+        else:
+
+            def ready(where: str) -> None:
+                print(f"codemode mcp: listening on {where}", file=sys.stderr, flush=True)
+
+            await serve_http(server, host=args.host, port=args.port, token=token, on_ready=ready)
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    from codemode.core.errors import ExecutorClientError
+    from codemode.executor.sandbox.runtime import SandboxUnavailable
+    from codemode.logs import configure_logging
+
+    token = os.environ.get("CODEMODE_MCP_TOKEN") or None
+    if args.transport == "streamable-http" and token is None and not args.insecure_no_auth:
+        print(
+            "codemode mcp: streamable-http needs a bearer token: set CODEMODE_MCP_TOKEN (e.g. "
+            "to the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`), "
+            "or pass --insecure-no-auth to serve without one",
+            file=sys.stderr,
+        )
+        return 2
+    if args.insecure_no_auth:
+        token = None
+    # Logs go to stderr: over stdio, stdout carries the protocol.
+    configure_logging(args.log_level or "WARNING", "text")
+    try:
+        asyncio.run(_mcp_main(args, token))
+    except ImportError as exc:
+        print(f"codemode mcp: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, ConfigError, ExecutorClientError) as exc:
+        print(f"codemode mcp: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except SandboxUnavailable as exc:
+        print(f"codemode mcp: refusing to start: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sandbox-venv",
@@ -214,6 +300,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", dest="command_code", metavar="CODE", help="program text")
     run.add_argument("--timeout", type=float, help="execution timeout, seconds")
     run.set_defaults(func=_exec)
+
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve run_python to MCP clients (Claude Code, Cursor, IDEs)",
+        description="Serves run_python, search_tools, describe_tool and reset_python over MCP. "
+        "Runs programs on --executor-url (or CODEMODE_EXECUTOR_URL, with "
+        "CODEMODE_EXECUTOR_API_KEY), else on an executor started in this process.",
+    )
+    mcp.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="streamable-http: address to bind")
+    mcp.add_argument("--port", type=int, default=8002, help="streamable-http: port (0: any)")
+    mcp.add_argument(
+        "--tools",
+        metavar="MODULE:OBJECT|FILE.json",
+        help="the tools programs may call: a ComponentRegistry, a list of @tool functions, "
+        "or an mcpServers JSON file whose servers' tools become Codemode tools",
+    )
+    mcp.add_argument("--executor-url", help="an executor to run programs on")
+    mcp.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="streamable-http without the CODEMODE_MCP_TOKEN bearer token",
+    )
+    mcp.add_argument(
+        "--no-sessions",
+        action="store_true",
+        help="every run_python starts in a fresh sandbox (no state between calls)",
+    )
+    mcp.add_argument("--session-ttl", type=float, help="seconds an MCP session's sandbox lives")
+    _add_sandbox_arguments(mcp)
+    mcp.add_argument("--log-level", help="DEBUG, INFO, WARNING … (logs go to stderr)")
+    mcp.set_defaults(func=_mcp)
 
     doctor = sub.add_parser(
         "doctor",
