@@ -295,6 +295,24 @@ async def test_hanging_tool_becomes_timeout_error_in_the_guest(make_config: Conf
     assert kind == "TimeoutError"
 
 
+class TimingOut:
+    """An async tool whose own call times out, well within the relay's tool_timeout."""
+
+    async def run_async(self) -> None:
+        raise TimeoutError("the upstream service did not answer in 0.2s")
+
+
+async def test_a_tools_own_timeout_keeps_its_message(make_config: ConfigFactory) -> None:
+    """A TimeoutError the tool raises is the tool's error, not the relay's tool_timeout."""
+    registry = ComponentRegistry()
+    registry.register_tool("upstream", TimingOut())
+    async with Codemode.from_client_config(make_config(tool_timeout=30), registry) as codemode:
+        result = await codemode.execute_async(
+            "try:\n    tools.upstream()\nexcept TimeoutError as e:\n    result = str(e)"
+        )
+    assert json.loads(result or "null") == "the upstream service did not answer in 0.2s"
+
+
 async def test_non_serialisable_result_names_its_type(make_config: ConfigFactory) -> None:
     """`result = {1, 2}` is a failed result with error_type ResultNotSerializable naming set."""
     async with ExecutorClient(config=make_config()) as client:

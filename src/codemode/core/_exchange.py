@@ -239,10 +239,13 @@ class _ToolRelay:
                 f"tool {name!r} is declared but not registered in the application",
             )
         current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
+        deadline = asyncio.timeout(self._timeout)  # no extra task, unlike wait_for
         try:
-            async with asyncio.timeout(self._timeout):  # no extra task, unlike wait_for
+            async with deadline:
                 value = await call_tool(tool, args, kwargs, self._context, name=name)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not deadline.expired():  # the tool's own TimeoutError, not the relay's
+                return _tool_error(type(exc).__name__, str(exc))
             return _tool_error(
                 "TimeoutError", f"tool {name!r} did not answer within {self._timeout:g}s"
             )
