@@ -96,6 +96,16 @@ class Codemode(Closing):
 
         return codemode_tool(self, **options)
 
+    def as_pydantic_ai_toolset(self, **options: Any) -> Any:
+        """This Codemode as a Pydantic AI toolset offering ``run_python``
+        (``pip install 'codemode[pydantic-ai]'``).
+
+        Options as :class:`codemode.integrations.pydantic_ai.CodemodeToolset`.
+        """
+        from codemode.integrations.pydantic_ai import CodemodeToolset
+
+        return CodemodeToolset(self, **options)
+
     # Executing -------------------------------------------------------------------------------
 
     async def run_async(
