@@ -9,6 +9,7 @@ raises, a module that is not installed, a time zone that does not exist.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -102,6 +103,17 @@ async def test_pandas_is_preloaded_and_numpy_imports(pkg: Codemode) -> None:
         """,
     )
     assert got == [True, 45, 499500]
+
+
+async def test_a_program_without_packages_runs_on_the_plain_zygote(pkg: Codemode) -> None:
+    """A standard-library program gets a guest without the preloads (it forks and exits as
+    cheaply as without them); a session, whose later programs are unknown, gets them."""
+    code = "import sys\nresult = sorted(m for m in ('pandas', 'numpy') if m in sys.modules)\n"
+    plain = await run(pkg, code)
+    async with pkg.session() as session:
+        in_session = json.loads(await session.execute_async(code) or "null")
+    assert plain == []
+    assert in_session == ["numpy", "pandas"]
 
 
 async def test_dataframe_program(pkg: Codemode) -> None:

@@ -259,8 +259,10 @@ def sec_server(
     host: Host, tmp_path_factory: pytest.TempPathFactory, sandbox_venv: Path
 ) -> Iterator[ServerProcess]:
     """``codemode serve`` with the default isolation, small limits, a distinctive key and env,
-    and the test sandbox venv (numpy, pandas) with pandas preloaded: every attack runs with
-    third-party native code in the zygote and on ``sys.path``."""
+    and the test sandbox venv (numpy, pandas) with pandas preloaded. Attacks built with
+    ``program()`` import pandas, so they run on the zygote that preloaded it, third-party
+    native code and all; the others import only the standard library and run on the plain
+    zygote beside it."""
     log_dir = tmp_path_factory.mktemp("security-serve")
     config = log_dir / "executor.yaml"
     lines = [

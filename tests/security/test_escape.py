@@ -49,6 +49,7 @@ SECRET_PATTERN = r"cm-(?:api-key|env-secret)-[0-9a-f]{16}|Bearer [A-Za-z0-9]"
 #: Helpers every attack program starts with.
 PRELUDE = '''
 import errno, json, os, sys
+import pandas  # so the attack runs on the zygote that preloaded pandas, native code and all
 def attempt(fn, *args):
     """("ok", repr) or ("err", exception type, errno): what one try achieved."""
     try:

@@ -75,7 +75,7 @@ def _alive(pid: int) -> bool:
 
 
 def _zygote_pid(backend: ForkServerBackend) -> int:
-    zygote = backend._zygote
+    zygote = backend._plain.zygote
     assert zygote is not None
     assert zygote.pid is not None
     return zygote.pid
@@ -301,7 +301,7 @@ async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBack
     zygote goes on forking."""
     from codemode.executor.guest import zygote as protocol
 
-    zygote = backend._zygote
+    zygote = backend._plain.zygote
     assert zygote is not None
     pid = _zygote_pid(backend)
     for junk in (
@@ -316,7 +316,7 @@ async def test_zygote_ignores_malformed_control_messages(backend: ForkServerBack
     for _ in range(backend.pool_size + 2):  # past the pool: new forks after the junk
         assert (await run(backend, "result = 6 * 7")).result == 42
     assert _alive(pid)
-    assert backend._zygote is zygote
+    assert backend._plain.zygote is zygote
 
 
 async def test_no_pool() -> None:
@@ -433,11 +433,11 @@ async def _drained_pool(pool_size: int, uid_offset: int) -> AsyncIterator[tuple[
     await b.start()
     taken: list[Any] = []
     try:
-        await _until(lambda: len(b._pool) == pool_size, "a full pool")
+        await _until(lambda: len(b._plain.pool) == pool_size, "a full pool")
         zygote = _zygote_pid(b)
         os.kill(zygote, signal.SIGSTOP)
         taken += [await b.acquire() for _ in range(pool_size)]
-        await _until(lambda: b._forking == pool_size, "the refills in flight")
+        await _until(lambda: b._plain.forking == pool_size, "the refills in flight")
         yield b, zygote, taken
     finally:
         for ready in taken:
@@ -447,7 +447,7 @@ async def _drained_pool(pool_size: int, uid_offset: int) -> AsyncIterator[tuple[
 
 async def _waiting_acquire(b: ForkServerBackend) -> asyncio.Future[Any]:
     waiting = asyncio.ensure_future(b.acquire())
-    await _until(lambda: len(b._waiting) == 1, "the request to wait")
+    await _until(lambda: len(b._plain.waiting) == 1, "the request to wait")
     return waiting
 
 
@@ -460,7 +460,7 @@ async def test_an_empty_pool_hands_over_a_guest_already_being_forked() -> None:
         os.kill(zygote, signal.SIGCONT)
         taken.append(await asyncio.wait_for(waiting, 10))
         assert b._next_id == forks  # it forked none of its own
-        assert not b._waiting
+        assert not b._plain.waiting
         assert (await run(b, "result = 6 * 7")).result == 42
 
 
@@ -470,7 +470,7 @@ async def test_a_waiting_request_forks_its_own_when_the_forks_in_flight_fail() -
         waiting = await _waiting_acquire(b)
         os.kill(zygote, signal.SIGKILL)
         taken.append(await asyncio.wait_for(waiting, 20))
-        assert not b._waiting
+        assert not b._plain.waiting
         assert _zygote_pid(b) != zygote
         assert (await run(b, "result = 6 * 7")).result == 42
 
@@ -481,24 +481,24 @@ async def test_a_cancelled_wait_leaves_the_guest_to_the_pool() -> None:
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert not b._waiting
+        assert not b._plain.waiting
         os.kill(zygote, signal.SIGCONT)
-        await _until(lambda: len(b._pool) == 1, "the forked guest in the pool")
+        await _until(lambda: len(b._plain.pool) == 1, "the forked guest in the pool")
 
 
 async def test_a_guest_handed_over_as_its_request_is_cancelled_goes_back_to_the_pool() -> None:
     b = ForkServerBackend(pool_size=1, uid_base=UID_BASE + 90_000)
     await b.start()
     try:
-        await _until(lambda: len(b._pool) == 1, "a full pool")
-        guest = b._pool.popleft()
-        waiting = asyncio.ensure_future(b._next_pooled())
-        await _until(lambda: len(b._waiting) == 1, "the request to wait")
-        assert b._hand_over_pooled(guest)
+        await _until(lambda: len(b._plain.pool) == 1, "a full pool")
+        guest = b._plain.pool.popleft()
+        waiting = asyncio.ensure_future(b._next_pooled(b._plain))
+        await _until(lambda: len(b._plain.waiting) == 1, "the request to wait")
+        assert b._hand_over_pooled(b._plain, guest)
         waiting.cancel()  # before the request has run again to take it
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert list(b._pool) == [guest]
+        assert list(b._plain.pool) == [guest]
         assert (await run(b, "result = 6 * 7")).result == 42
     finally:
         await b.close()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,9 +75,31 @@ class _Attached:
     stderr: int
 
 
-async def _attach(backend: SandboxBackend) -> _Attached:
+#: ``import a.b, c as d`` or ``from a.b import c``, at a line's start or after a semicolon.
+_IMPORT = re.compile(
+    r"(?:^|;)[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import\b|import[ \t]+([\w., \t]+))", re.M
+)
+
+
+def imports_packages(code: str) -> bool:
+    """Whether ``code`` imports a module beyond the standard library, by its import statements.
+
+    It only chooses the guest's zygote: a program that imports a package another way
+    (``__import__``, ``exec``) runs on the plain one and imports it there, slower but the same.
+    """
+    for found in _IMPORT.finditer(code):
+        names = [found.group(1)] if found.group(1) else found.group(2).split(",")
+        for name in names:
+            words = name.split()
+            top = words[0].split(".")[0] if words else ""
+            if top and top not in sys.stdlib_module_names:
+                return True
+    return False
+
+
+async def _attach(backend: SandboxBackend, packages: bool = True) -> _Attached:
     """A guest from the backend: one set up ahead, or one started on descriptors made here."""
-    ready = await backend.acquire()
+    ready = await backend.acquire(packages)
     if ready is not None:
         return _Attached(ready.process, ready.channel, ready.stdout, ready.stderr)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -122,7 +146,7 @@ async def run_execution(
     :class:`~.files.FilesUnsupported` when the request has files and the backend no sandbox.
     """
     started = time.perf_counter()
-    held = await HeldGuest.attach(backend)
+    held = await HeldGuest.attach(backend, packages=imports_packages(request.code))
     try:
         return await held.run(request, call_tool, on_output, inputs, started=started)
     finally:
@@ -150,9 +174,10 @@ class HeldGuest:
         self._exit_task: asyncio.Task[Any] | None = None
 
     @classmethod
-    async def attach(cls, backend: SandboxBackend) -> HeldGuest:
-        """A guest from ``backend``, its channel open."""
-        held = cls(backend, await _attach(backend))
+    async def attach(cls, backend: SandboxBackend, packages: bool = True) -> HeldGuest:
+        """A guest from ``backend``, its channel open; ``packages`` as ``backend.acquire``'s
+        (a session, whose later programs are not known yet, needs them)."""
+        held = cls(backend, await _attach(backend, packages))
         try:
             held._reader, held._writer = await asyncio.open_unix_connection(
                 sock=held._attached.channel, limit=1 << 20

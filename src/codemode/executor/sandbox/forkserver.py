@@ -1,4 +1,10 @@
-"""The fork-server backend: one long-lived zygote forks every guest into fresh namespaces.
+"""The fork-server backend: a long-lived zygote forks every guest into fresh namespaces.
+
+With preloads (``--preload pandas``) there are two zygotes, each with its own pool: one that
+imported the preloads, for programs that import packages (and for sessions), and a plain one
+for programs that import only the standard library. A guest forked from a zygote holding
+pandas costs several times more to fork and to exit (its page tables), which a ``2 + 2``
+should not pay; which one serves a program is read from its import statements.
 
 Launch chain, once per backend (the service runs as root)::
 
@@ -102,9 +108,12 @@ _READY_ANCILLARY = socket.CMSG_SPACE(_CRED.size) + socket.CMSG_SPACE(2 * 4)
 class _Zygote:
     """One running zygote: its bwrap process, control socket and the guests it forked."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, control: socket.socket, line: _Line
+    ) -> None:
         self.proc = proc
         self.control = control
+        self.line = line
         self.pid: int | None = None  # host pid of the zygote (bwrap's info fd)
         self.pidfd: int | None = None
         self.started = time.monotonic()
@@ -135,6 +144,24 @@ class _Zygote:
                 self.proc.kill()  # bwrap; --die-with-parent takes the zygote along
 
 
+class _Line:
+    """A zygote of one kind, with the operator's preloads or without, and its pool of guests.
+
+    With preloads there are two lines: a program that imports nothing beyond the standard
+    library runs on the plain one, whose guests fork and exit as cheaply as without preloads.
+    """
+
+    def __init__(self, preload: tuple[str, ...]) -> None:
+        self.preload = preload
+        self.zygote: _Zygote | None = None
+        self.lock = asyncio.Lock()
+        self.quick_crashes = 0
+        self.pool: collections.deque[_ForkGuest] = collections.deque()
+        self.forking = 0
+        #: Requests waiting for the next guest forked for the pool (``None``: fork your own).
+        self.waiting: collections.deque[asyncio.Future[_ForkGuest | None]] = collections.deque()
+
+
 class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
     """Guests forked ahead from one sandboxed zygote, each in fresh namespaces as its own uid."""
 
@@ -151,22 +178,34 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
     ) -> None:
         super().__init__(limits, **options)
         self._next_id = 0
-        self._zygote: _Zygote | None = None
-        self._zygote_lock = asyncio.Lock()
-        self._quick_crashes = 0
+        self._plain = _Line(())
+        self._preloaded = _Line(self.preload_modules) if self.preload_modules else None
         self.last_zygote_error = ""
-        self._forking = 0
-        #: Requests waiting for the next guest forked for the pool (``None``: fork your own).
-        self._waiting: collections.deque[asyncio.Future[_ForkGuest | None]] = collections.deque()
         self._live: set[_ForkGuest] = set()
+
+    @property
+    def _lines(self) -> list[_Line]:
+        return [self._plain] if self._preloaded is None else [self._preloaded, self._plain]
+
+    def _line(self, packages: bool) -> _Line:
+        """The preloaded line for a program that imports packages (if there is one), else plain."""
+        return self._preloaded if packages and self._preloaded is not None else self._plain
 
     # -- setup ---------------------------------------------------------------------------
 
     async def _warm_up(self) -> None:
-        await self._ensure_zygote()
+        for line in self._lines:
+            await self._ensure_zygote(line)
 
-    def zygote_argv(self, control_fd: int, seccomp_fd: int, info_fd: int) -> list[str]:
-        """The bwrap command line that starts the zygote."""
+    def zygote_argv(
+        self,
+        control_fd: int,
+        seccomp_fd: int,
+        info_fd: int,
+        preload: tuple[str, ...] | None = None,
+    ) -> list[str]:
+        """The bwrap command line that starts a zygote (with ``preload``, default the
+        backend's)."""
         layout = self.layout
         assert layout is not None
         argv = [*bwrap_namespaces(self._bwrap_path), "--cap-drop", "ALL"]
@@ -183,7 +222,7 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
             "mounts": file_mounts(self.limits),
             "rlimits": self._rlimits(),
             "sys_path": self.site_dirs,
-            "preload": list(self.preload_modules),
+            "preload": list(self.preload_modules if preload is None else preload),
             "home": HOME_TARGET,
         }
         argv += [
@@ -217,28 +256,31 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
 
     # -- the zygote ----------------------------------------------------------------------
 
-    async def _ensure_zygote(self) -> _Zygote:
-        async with self._zygote_lock:
-            zygote = self._zygote
+    async def _ensure_zygote(self, line: _Line) -> _Zygote:
+        async with line.lock:
+            zygote = line.zygote
             if zygote is not None and not zygote.dead:
                 return zygote
             if self._closed:
                 raise RuntimeError("backend is closed")
-            if self._quick_crashes >= _MAX_QUICK_CRASHES:
+            if line.quick_crashes >= _MAX_QUICK_CRASHES:
                 raise SandboxUnavailable(
-                    f"the fork-server zygote died {self._quick_crashes} times right after "
+                    f"the fork-server zygote died {line.quick_crashes} times right after "
                     f"starting: {self.last_zygote_error or 'no message'}; run `codemode doctor`"
                 )
-            zygote = await self._launch_zygote()
-            self._zygote = zygote
+            zygote = await self._launch_zygote(line)
+            line.zygote = zygote
             return zygote
 
-    async def _launch_zygote(self) -> _Zygote:
+    async def _launch_zygote(self, line: _Line) -> _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc, info_r = await start_bwrap(
                 lambda seccomp_fd, info_fd: self.zygote_argv(
-                    theirs.fileno(), -1 if seccomp_fd is None else seccomp_fd, info_fd
+                    theirs.fileno(),
+                    -1 if seccomp_fd is None else seccomp_fd,
+                    info_fd,
+                    line.preload,
                 ),
                 [theirs.fileno()],
                 self._seccomp_bpf,
@@ -250,13 +292,13 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         finally:
             theirs.close()
         ours.setblocking(False)
-        zygote = _Zygote(proc, ours)
+        zygote = _Zygote(proc, ours, line)
         zygote.pid, zygote.pidfd = await child_pidfd(info_r, proc)
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_zygote_message, zygote)
         zygote.gone = asyncio.ensure_future(self._supervise_zygote(zygote))
         try:
-            preloading = _PRELOAD_TIMEOUT_S if self.preload_modules else 0.0
+            preloading = _PRELOAD_TIMEOUT_S if line.preload else 0.0
             async with asyncio.timeout(_READY_TIMEOUT_S + preloading):
                 await asyncio.shield(zygote.ready)
         except (TimeoutError, SandboxUnavailable) as exc:
@@ -328,37 +370,38 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         if not zygote.ready.done():
             zygote.ready.set_exception(SandboxUnavailable(message or "zygote exited"))
             zygote.ready.exception()
-        if self._zygote is zygote:
+        line = zygote.line
+        if line.zygote is zygote:
             if time.monotonic() - zygote.started < _CRASH_WINDOW_S:
-                self._quick_crashes += 1
+                line.quick_crashes += 1
             else:
-                self._quick_crashes = 0
+                line.quick_crashes = 0
             if not self._closed:
                 logger.warning(
                     "the fork-server zygote exited (%s); a new one starts on the next request",
                     self.last_zygote_error or f"status {zygote.proc.returncode}",
                 )
-        self._pool = collections.deque(g for g in self._pool if g._zygote is not zygote)
+        line.pool = collections.deque(g for g in line.pool if g._zygote is not zygote)
 
     # -- guests --------------------------------------------------------------------------
 
-    async def _take(self) -> _ForkGuest:
+    async def _take(self, line: _Line) -> _ForkGuest:
         """A ready guest: from the pool, else forked now; it waits for its first request."""
         if self._closed:
             raise RuntimeError("backend is closed")
         if not self._started:
             await self.start()
         for _ in range(3):
-            guest = self._pool.popleft() if self._pool else None
+            guest = line.pool.popleft() if line.pool else None
             self._schedule_refill()
-            if guest is None and self._forking > len(self._waiting):
+            if guest is None and line.forking > len(line.waiting):
                 # Guests are being forked for the pool already, and one is not yet claimed:
                 # it is ready sooner than a fork of our own would be.
-                guest = await self._next_pooled()
+                guest = await self._next_pooled(line)
                 if self._closed:
                     raise RuntimeError("backend is closed")
             if guest is None:
-                guest = await self._fork()
+                guest = await self._fork(line)
                 try:
                     await guest._ready
                 except (SandboxUnavailable, OSError) as exc:
@@ -369,75 +412,80 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
             guest.kill()
         raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
 
-    async def acquire(self) -> ReadyGuest:
-        """A pooled guest with its channel and output pipes, made before the request came."""
+    async def acquire(self, packages: bool = True) -> ReadyGuest:
+        """A pooled guest with its channel and output pipes, made before the request came;
+        from the plain zygote when the program imports no ``packages``."""
+        line = self._line(packages)
         for _ in range(3):
-            ready = (await self._take())._take_streams()
+            ready = (await self._take(line))._take_streams()
             if ready is not None:
                 return ready
         raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
 
     async def spawn(self, fds: GuestFds) -> GuestProcess:
         for _ in range(3):
-            guest = await self._take()
+            guest = await self._take(self._line(True))
             if guest._hand_over(fds):
                 return guest
             guest.kill()
         raise SandboxUnavailable("forked guests die before they can be used; run `codemode doctor`")
 
     async def _refill(self) -> None:
-        while not self._closed and len(self._pool) + self._forking < self.pool_size:
-            try:
-                guest = await self._fork()
-            except (OSError, SandboxUnavailable) as exc:
-                logger.warning("could not fork a guest ahead: %s", exc)
-                return
-            self._forking += 1
-            guest._ready.add_done_callback(self._on_pooled_ready(guest))
+        for line in self._lines:
+            while not self._closed and len(line.pool) + line.forking < self.pool_size:
+                try:
+                    guest = await self._fork(line)
+                except (OSError, SandboxUnavailable) as exc:
+                    logger.warning("could not fork a guest ahead: %s", exc)
+                    return
+                line.forking += 1
+                guest._ready.add_done_callback(self._on_pooled_ready(line, guest))
 
-    def _on_pooled_ready(self, guest: _ForkGuest) -> Callable[[asyncio.Future[None]], None]:
+    def _on_pooled_ready(
+        self, line: _Line, guest: _ForkGuest
+    ) -> Callable[[asyncio.Future[None]], None]:
         def done(future: asyncio.Future[None]) -> None:
-            self._forking -= 1
+            line.forking -= 1
             if future.cancelled() or future.exception() is not None:
-                self._hand_over_pooled(None)  # one fewer coming: a waiter forks its own
+                self._hand_over_pooled(line, None)  # one fewer coming: a waiter forks its own
                 return
             if self._closed or guest._zygote.dead:
                 guest.kill()
-                self._hand_over_pooled(None)
+                self._hand_over_pooled(line, None)
                 return
-            if not self._hand_over_pooled(guest):
-                self._pool.append(guest)
+            if not self._hand_over_pooled(line, guest):
+                line.pool.append(guest)
 
         return done
 
-    async def _next_pooled(self) -> _ForkGuest | None:
+    async def _next_pooled(self, line: _Line) -> _ForkGuest | None:
         """The next guest forked for the pool once it is ready; None: fork one yourself."""
         waiter: asyncio.Future[_ForkGuest | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+        line.waiting.append(waiter)
         try:
             return await waiter
         except BaseException:
             # Cancelled just as a guest was handed over: it goes back to the pool, not astray.
             handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
             if handed is not None:
-                self._pool.append(handed)
+                line.pool.append(handed)
             raise
         finally:
             with contextlib.suppress(ValueError):
-                self._waiting.remove(waiter)  # still queued only if cancelled
+                line.waiting.remove(waiter)  # still queued only if cancelled
 
-    def _hand_over_pooled(self, guest: _ForkGuest | None) -> bool:
+    def _hand_over_pooled(self, line: _Line, guest: _ForkGuest | None) -> bool:
         """Give a ready guest (or None) to the longest waiting request; whether one took it."""
-        while self._waiting:
-            waiter = self._waiting.popleft()
+        while line.waiting:
+            waiter = line.waiting.popleft()
             if not waiter.done():
                 waiter.set_result(guest)
                 return True
         return False
 
-    async def _fork(self) -> _ForkGuest:
-        """Ask the zygote for one guest; it is ready when ``guest._ready`` is."""
-        zygote = await self._ensure_zygote()
+    async def _fork(self, line: _Line) -> _ForkGuest:
+        """Ask the line's zygote for one guest; it is ready when ``guest._ready`` is."""
+        zygote = await self._ensure_zygote(line)
         group = await self._acquire_group()
         try:
             # The child writes itself into these cgroup.procs files before anything else.
@@ -487,16 +535,19 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         return await asyncio.to_thread(cg.acquire, limits.memory_bytes, limits.max_processes)
 
     async def _stop_guests(self) -> None:
-        while self._hand_over_pooled(None):  # waiting requests see the backend closed
-            pass
+        for line in self._lines:
+            while self._hand_over_pooled(line, None):  # waiting requests see the backend closed
+                pass
+            line.pool.clear()
         for guest in list(self._live):
             guest.kill()
-        zygote = self._zygote
-        if zygote is not None:
-            zygote.kill()
-            if zygote.gone is not None:
-                with contextlib.suppress(Exception):
-                    await zygote.gone
+        for line in self._lines:
+            zygote = line.zygote
+            if zygote is not None:
+                zygote.kill()
+                if zygote.gone is not None:
+                    with contextlib.suppress(Exception):
+                        await zygote.gone
         waits = [g._finished for g in list(self._live) if g._finished is not None]
         if waits:
             await asyncio.gather(*waits, return_exceptions=True)

@@ -102,8 +102,12 @@ class SandboxBackend(abc.ABC):
     async def spawn(self, fds: GuestFds) -> GuestProcess:
         """Start one guest with ``fds`` open in it; the caller closes its copies afterwards."""
 
-    async def acquire(self) -> ReadyGuest | None:
-        """A guest whose channel and pipes were set up ahead, or None (then use ``spawn``)."""
+    async def acquire(self, packages: bool = True) -> ReadyGuest | None:
+        """A guest whose channel and pipes were set up ahead, or None (then use ``spawn``).
+
+        ``packages`` False: the program imports only the standard library, so a guest without
+        the operator's preloads serves it as well (and, where one is kept, more cheaply).
+        """
         return None
 
     def describe(self) -> dict[str, str]:
