@@ -1,4 +1,5 @@
-"""ExecutorClient against a scripted in-process servicer: what it tells the executor on cancel."""
+"""ExecutorClient against a scripted in-process servicer: what it tells the executor on cancel;
+the tool relay's end, which must not cancel a write in flight."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import grpc.aio
 import pytest
 
+from codemode import tool
 from codemode.config import ClientConfig
 from codemode.config._defaults import CANCEL_NOTICE_S
 from codemode.core import ExecutorClient
@@ -63,3 +65,56 @@ async def test_cancelling_after_start_sends_cancel(
         assert time.perf_counter() - cancelled_at < CANCEL_NOTICE_S + 0.5
         await asyncio.wait_for(executor.ended.wait(), 10)
     assert executor.kinds == ["start", "cancel"]
+
+
+class SlowWriteCall:
+    """Stands in for a grpc.aio stream whose ``write`` is still in flight, as a real one is
+    for a moment: cancelling such a write makes grpc.aio cancel the whole call."""
+
+    def __init__(self) -> None:
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.written: list[str | None] = []
+        self.cancelled_writes = 0
+
+    async def write(self, frame: pb.ClientFrame) -> None:
+        self.writing.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled_writes += 1
+            raise
+        self.written.append(frame.WhichOneof("frame"))
+
+
+async def test_the_relay_never_cancels_an_answer_being_written() -> None:
+    """When the result arrives while an answer is being written (the program already had
+    it), ending the relay leaves that write alone: on a session's stream a cancelled write
+    would end the session. Answers not yet writing are cancelled."""
+    from codemode.core._exchange import _ToolRelay
+    from codemode.core.context import RuntimeContext
+
+    call = SlowWriteCall()
+    never = asyncio.Event()
+
+    async def quick() -> int:
+        return 1
+
+    async def stuck() -> int:
+        await never.wait()
+        return 2
+
+    tools = {"quick": tool(quick), "stuck": tool(stuck)}
+    relay = _ToolRelay(call, tools, RuntimeContext(), "cid", 30.0)
+    relay.start(pb.ToolCall(call_id="1", tool="quick", arguments_json=b"{}"))
+    relay.start(pb.ToolCall(call_id="2", tool="stuck", arguments_json=b"{}"))
+    await asyncio.wait_for(call.writing.wait(), 5)
+    relay.cancel()
+    call.release.set()
+    for _ in range(100):
+        if not relay._tasks:
+            break
+        await asyncio.sleep(0.01)
+    assert call.cancelled_writes == 0
+    assert call.written == ["tool_result"]
+    assert [event.call_id for event in relay.finished()] == ["1"]

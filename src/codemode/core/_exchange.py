@@ -156,6 +156,8 @@ class _ToolRelay:
         self._tasks: set[asyncio.Task[ToolResultEvent]] = set()
         self._done: list[ToolResultEvent] = []
         self._write_lock = asyncio.Lock()
+        #: The answer being written now: never cancelled (see :meth:`cancel`).
+        self._writing: asyncio.Task[Any] | None = None
 
     def start(self, frame: pb.ToolCall) -> ToolCallEvent:
         try:
@@ -178,8 +180,15 @@ class _ToolRelay:
         return done
 
     def cancel(self) -> None:
+        """Stop the answers still running, but the one being written.
+
+        grpc.aio cancels the whole call with a cancelled write, and that write may already
+        have reached the program that then finished: on a session's stream, cancelling it
+        would end the session. The executor ignores an answer to a call of an ended execution.
+        """
         for task in self._tasks:
-            task.cancel()
+            if task is not self._writing:
+                task.cancel()
 
     async def send_cancel(self, timeout: float) -> None:
         """Write a ``Cancel`` frame; best effort, waiting at most ``timeout`` seconds.
@@ -214,7 +223,11 @@ class _ToolRelay:
                 extra={"correlation_id": self._cid},
             )
         async with self._write_lock:
-            await self._call.write(pb.ClientFrame(tool_result=reply))
+            self._writing = asyncio.current_task()
+            try:
+                await self._call.write(pb.ClientFrame(tool_result=reply))
+            finally:
+                self._writing = None
         return ToolResultEvent(
             call_id,
             name,
