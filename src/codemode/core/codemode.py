@@ -106,6 +106,16 @@ class Codemode(Closing):
 
         return CodemodeToolset(self, **options)
 
+    def as_smolagents_executor(self, **options: Any) -> Any:
+        """This Codemode as a smolagents ``CodeAgent`` executor: the agent's steps run in one
+        session, its tools here (``pip install 'codemode[smolagents]'``).
+
+        Options as :class:`codemode.integrations.smolagents.CodemodeExecutor`.
+        """
+        from codemode.integrations.smolagents import CodemodeExecutor
+
+        return CodemodeExecutor(self, **options)
+
     # Executing -------------------------------------------------------------------------------
 
     async def run_async(
