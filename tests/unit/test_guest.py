@@ -475,7 +475,7 @@ def test_warm_up_leaves_nothing_for_the_program() -> None:
     guest.warm_up()
     assert guest.USER_FILENAME not in linecache.cache
     run = run_guest("result = sorted(k for k in globals() if not k.startswith('__'))")
-    assert run.value == ["config", "context", "tools"]
+    assert run.value == ["codemode", "config", "context", "tools"]
 
 
 def test_guest_exits_by_itself_if_the_channel_stays_open(monkeypatch: pytest.MonkeyPatch) -> None:

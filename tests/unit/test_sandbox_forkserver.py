@@ -335,7 +335,10 @@ async def test_warm_up_leaves_nothing_behind(backend: ForkServerBackend) -> None
         "          'lines': sorted(k for k in __import__('linecache').cache if k[0] == '<')}\n"
     )
     out = (await run(backend, code)).result
-    assert out == {"globals": ["config", "context", "tools"], "lines": ["<codemode>"]}
+    assert out == {
+        "globals": ["codemode", "config", "context", "tools"],
+        "lines": ["<codemode>"],
+    }
 
 
 async def test_a_reused_network_namespace_keeps_nothing_of_the_last_execution() -> None:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from codemode import ComponentRegistry, ExecutionResult, RuntimeContext, tool
+from codemode.core.journal import STEP_TOOL
 from codemode.core.registry import call_tool
 from codemode.executor.guest import tools as guest
 from codemode.tools import AsyncFunctionTool, FunctionTool, format_result, spec_for, truncate
@@ -248,6 +249,7 @@ def test_describe_gives_one_stub_or_a_clear_error() -> None:
 def test_discovery_names_match_the_guest_runtime() -> None:
     """The client answers the reserved names the guest runtime sends."""
     assert (SEARCH_TOOL, DESCRIBE_TOOL) == (guest.SEARCH_TOOL, guest.DESCRIBE_TOOL)
+    assert STEP_TOOL == guest.STEP_TOOL
 
 
 def test_format_result_success_and_truncation() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -50,6 +50,17 @@ class ClientConfig(YamlSettings):
     retry_backoff_base: float = Field(default=d.RETRY_BACKOFF_BASE_S, ge=0)
     retry_backoff_max: float = Field(default=d.RETRY_BACKOFF_MAX_S, ge=0)
     max_code_length: int = Field(default=d.MAX_CODE_LENGTH, gt=0, description="Characters.")
+    failover: Literal["replay", "never"] = Field(
+        default="replay",
+        description="With several executors: re-run an execution whose executor died on "
+        "another one, its tool calls answered from the journal (none runs twice); 'never' "
+        "raises ExecutorConnectionError(may_have_run=True) instead.",
+    )
+    journal_path: Path | None = Field(
+        default=None,
+        description="SQLite file of tool-call journals and paused executions, kept across "
+        "restarts; None keeps them in memory.",
+    )
     tls_ca_file: Path | None = Field(default=None, description="PEM roots for https:// URLs.")
     tls_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS).")
     tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")

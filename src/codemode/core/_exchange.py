@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from codemode.core.errors import (
     InvalidRequestError,
     error_from_rpc,
 )
+from codemode.core.journal import STEP_TOOL, JournalEntry, Recorder, canonical_arguments
 from codemode.core.registry import call_tool
 from codemode.core.results import (
     ExecutionEvent,
@@ -59,19 +60,31 @@ class Prepared:
     tools: Mapping[str, Any]
     correlation_id: str
     files: tuple[tuple[str, bytes], ...] = ()
+    #: What its journal is bound to (:func:`~codemode.core.journal.binding_of`); "" for none.
+    binding: str = ""
+
+    def with_timeout(self, seconds: float) -> Prepared:
+        """This request with ``seconds`` left to run (a re-run within the first deadline)."""
+        start = pb.StartExecution()
+        start.CopyFrom(self.start)
+        start.timeout_seconds = seconds
+        return replace(self, start=start)
 
 
 async def exchange(
-    call: Any, prepared: Prepared, tool_timeout: float
+    call: Any, prepared: Prepared, tool_timeout: float, recorder: Recorder | None = None
 ) -> AsyncIterator[ExecutionEvent]:
     """One execution on an open stream: start frame, files, tool calls answered, the result.
 
     The stream is an ``Execute`` call (one execution) or a session's (one of several). A
     cancelled caller tells the executor with a ``Cancel`` frame; a failed call raises the
-    :mod:`codemode.core.errors` exception its status maps to.
+    :mod:`codemode.core.errors` exception its status maps to. With a ``recorder``, tool
+    calls its journal holds are answered from it (no event is yielded for them), new ones are
+    recorded, and a lost stream first lets the calls in flight finish, so that they are
+    recorded too.
     """
     cid = prepared.correlation_id
-    relay = _ToolRelay(call, prepared.tools, prepared.context, cid, tool_timeout)
+    relay = _ToolRelay(call, prepared.tools, prepared.context, cid, tool_timeout, recorder)
     sent = False
     try:
         try:
@@ -99,6 +112,7 @@ async def exchange(
         while True:
             frame = await read_shielded(call)
             if frame is grpc.aio.EOF:
+                await relay.settle()
                 raise ExecutorConnectionError(
                     "executor ended the stream without a result; the program may have run",
                     may_have_run=True,
@@ -106,7 +120,9 @@ async def exchange(
                 )
             kind = frame.WhichOneof("frame")
             if kind == "tool_call":
-                yield relay.start(frame.tool_call)
+                started = relay.start(frame.tool_call)
+                if started is not None:
+                    yield started
             elif kind == "output":
                 stream: Literal["stdout", "stderr"] = (
                     "stderr" if frame.output.stream == pb.Output.STDERR else "stdout"
@@ -129,6 +145,7 @@ async def exchange(
             await relay.send_cancel(CANCEL_NOTICE_S)
         raise
     except grpc.aio.AioRpcError as exc:
+        await relay.settle()
         raise rpc_error(exc, cid, sent) from None
     finally:
         relay.cancel()
@@ -147,33 +164,71 @@ class _ToolRelay:
         context: RuntimeContext,
         cid: str,
         tool_timeout: float,
+        recorder: Recorder | None = None,
     ) -> None:
         self._call = call
+        self._recorder = recorder
         self._tools = tools
         self._context = context
         self._cid = cid
         self._timeout = tool_timeout
-        self._tasks: set[asyncio.Task[ToolResultEvent]] = set()
+        self._tasks: set[asyncio.Task[ToolResultEvent | None]] = set()
         self._done: list[ToolResultEvent] = []
         self._write_lock = asyncio.Lock()
         #: The answer being written now: never cancelled (see :meth:`cancel`).
         self._writing: asyncio.Task[Any] | None = None
 
-    def start(self, frame: pb.ToolCall) -> ToolCallEvent:
+    def start(self, frame: pb.ToolCall) -> ToolCallEvent | None:
+        """Answer one tool call in a task of its own; its event, or None when it is replayed.
+
+        Raises :class:`~codemode.core.journal.ReplayDivergedError` when the journal holds
+        another call at this point: nothing is called then.
+        """
         try:
             arguments = json.loads(frame.arguments_json or b"{}")
             args, kwargs = list(arguments.get("args", [])), dict(arguments.get("kwargs", {}))
         except (ValueError, AttributeError, TypeError):
             args, kwargs = [], {}
-        task = asyncio.create_task(self._answer(frame.call_id, frame.tool, args, kwargs))
+        name = frame.tool
+        journal: tuple[int, str] | None = None
+        if self._recorder is not None:
+            # A step is matched by its name: its value is what differs between runs.
+            canonical = canonical_arguments(args[:1] if name == STEP_TOOL else args, kwargs)
+            seq, entry = self._recorder.take(name, canonical)
+            if entry is not None:
+                self._spawn(self._replay(frame.call_id, entry))
+                return None
+            journal = (seq, canonical)
+        self._spawn(self._answer(frame.call_id, name, args, kwargs, journal))
+        return ToolCallEvent(frame.call_id, name, args, kwargs)
+
+    def _spawn(self, coro: Coroutine[Any, Any, ToolResultEvent | None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._collect)
-        return ToolCallEvent(frame.call_id, frame.tool, args, kwargs)
 
-    def _collect(self, task: asyncio.Task[ToolResultEvent]) -> None:
+    def _collect(self, task: asyncio.Task[ToolResultEvent | None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is None:
-            self._done.append(task.result())
+            event = task.result()
+            if event is not None:
+                self._done.append(event)
+
+    async def settle(self) -> None:
+        """Let the answers in flight finish (within the tool timeout), so they are recorded."""
+        if self._recorder is not None and self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self._timeout)
+
+    async def _replay(self, call_id: str, entry: JournalEntry) -> None:
+        """Answer a call from the journal: the tool does not run again."""
+        reply = pb.ToolResult(
+            call_id=call_id,
+            ok=entry.ok,
+            value_json=entry.value_json,
+            error_type=entry.error_type,
+            error_message=entry.error_message,
+        )
+        await self._write(reply)
 
     def finished(self) -> list[ToolResultEvent]:
         done, self._done = self._done, []
@@ -209,10 +264,27 @@ class _ToolRelay:
                 await asyncio.shield(task)
 
     async def _answer(
-        self, call_id: str, name: str, args: list[Any], kwargs: dict[str, Any]
+        self,
+        call_id: str,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        journal: tuple[int, str] | None,
     ) -> ToolResultEvent:
         started = time.perf_counter()
         reply = await self._run(name, args, kwargs)
+        if journal is not None and self._recorder is not None:
+            seq, canonical = journal
+            entry = JournalEntry(
+                seq,
+                name,
+                canonical,
+                reply.ok,
+                reply.value_json,
+                reply.error_type,
+                reply.error_message,
+            )
+            self._recorder.record(entry)
         reply.call_id = call_id
         if not reply.ok:
             logger.info(
@@ -222,12 +294,7 @@ class _ToolRelay:
                 reply.error_message,
                 extra={"correlation_id": self._cid},
             )
-        async with self._write_lock:
-            self._writing = asyncio.current_task()
-            try:
-                await self._call.write(pb.ClientFrame(tool_result=reply))
-            finally:
-                self._writing = None
+        await self._write(reply)
         return ToolResultEvent(
             call_id,
             name,
@@ -236,7 +303,20 @@ class _ToolRelay:
             reply.error_type or None,
         )
 
+    async def _write(self, reply: pb.ToolResult) -> None:
+        async with self._write_lock:
+            self._writing = asyncio.current_task()
+            try:
+                await self._call.write(pb.ClientFrame(tool_result=reply))
+            finally:
+                self._writing = None
+
     async def _run(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> pb.ToolResult:
+        if name == STEP_TOOL and self._recorder is not None:
+            # codemode.step(name, value): the first run's value, now recorded, is the answer.
+            if len(args) != 2 or not isinstance(args[0], str):
+                return _tool_error("TypeError", "codemode.step(name, fn) takes a name and fn")
+            return pb.ToolResult(ok=True, value_json=json.dumps(args[1]).encode())
         tool = self._tools.get(name)
         if tool is None and name.startswith("_codemode_"):
             from codemode.tools.discovery import answer_discovery

@@ -11,6 +11,7 @@ Errors are drawn in :mod:`codemode.core.errors` and re-exported here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -46,10 +47,19 @@ from codemode.core.errors import (
     ExecutorTimeoutError,
     InvalidRequestError,
 )
+from codemode.core.journal import (
+    STEP_TOOL,
+    JournalStore,
+    MemoryJournalStore,
+    Recorder,
+    SqliteJournalStore,
+    binding_of,
+)
 from codemode.core.registry import ComponentRegistry
 from codemode.core.results import (
     ExecutionEvent,
     ExecutionResult,
+    OutputEvent,
     ResultEvent,
 )
 from codemode.core.retry import RetryPolicy
@@ -121,8 +131,29 @@ class ExecutorClient(Closing):
         self._channels: dict[asyncio.AbstractEventLoop, grpc.aio.Channel] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._journals: JournalStore | None = None
+        urls = self.config.executor_url
+        #: Whether a failed executor leaves another to fail over to (several, or DNS's).
+        self.fails_over = self.config.failover == "replay" and (
+            "," in urls or urls.startswith("dns:")
+        )
 
     # Lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def journals(self) -> JournalStore:
+        """Where this client keeps tool-call journals: ``ClientConfig.journal_path`` (SQLite),
+        else memory."""
+        with self._lock:
+            if self._journals is None:
+                path = self.config.journal_path
+                self._journals = MemoryJournalStore() if path is None else SqliteJournalStore(path)
+            return self._journals
+
+    @property
+    def journaling(self) -> bool:
+        """Whether executions keep a journal (for failover, or a file of them)."""
+        return self.config.failover == "replay" or self.config.journal_path is not None
 
     @property
     def closed(self) -> bool:
@@ -335,28 +366,71 @@ class ExecutorClient(Closing):
         return outcome
 
     async def _events(self, request: Request) -> AsyncIterator[ExecutionEvent]:
-        """:meth:`stream` for a built request: attempts, with retries where nothing ran."""
+        """:meth:`stream` for a built request: attempts, with retries where nothing ran, and
+        failover with replay where the program ran on an executor that died."""
         prepared = self._prepare(request)
         cid = prepared.correlation_id
-        attempt, waited = 0, 0.0
-        while True:
-            try:
-                async for event in self._stream_once(prepared):
-                    yield event
-                return
-            except ExecutorClientError as exc:
-                delay = self.retry_policy.next_delay(exc, attempt, waited)
-                if delay is None:
-                    raise
-                logger.warning(
-                    "retrying execution after %s (attempt %d, in %.3fs)",
-                    type(exc).__name__,
-                    attempt + 1,
-                    delay,
-                    extra={"correlation_id": cid},
-                )
-                await asyncio.sleep(delay)
-                attempt, waited = attempt + 1, waited + delay
+        recorder = Recorder(self.journals, cid, prepared.binding) if prepared.binding else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + prepared.start.timeout_seconds
+        attempt, waited, failovers = 0, 0.0, 0
+        shown = _Shown()
+        try:
+            while True:
+                shown.new_attempt()
+                try:
+                    async for event in self._stream_once(prepared, recorder):
+                        if isinstance(event, OutputEvent):
+                            unseen = shown.unseen(event)
+                            if unseen is None:
+                                continue
+                            event = unseen
+                        elif isinstance(event, ResultEvent) and recorder is not None:
+                            event = ResultEvent(
+                                dataclasses.replace(
+                                    event.result,
+                                    attempts=failovers + 1,
+                                    replayed_tool_calls=recorder.replayed,
+                                )
+                            )
+                        yield event
+                    return
+                except ExecutorClientError as exc:
+                    left = deadline - loop.time()
+                    if (
+                        recorder is not None
+                        and self.fails_over
+                        and isinstance(exc, ExecutorConnectionError)
+                        and exc.may_have_run
+                        and left > 0
+                    ):
+                        failovers += 1
+                        logger.warning(
+                            "executor lost mid-execution (%s); running it again on another "
+                            "with replay (failover %d, %.1fs left)",
+                            exc,
+                            failovers,
+                            left,
+                            extra={"correlation_id": cid},
+                        )
+                        recorder.rewind()
+                        prepared = prepared.with_timeout(left)
+                        continue
+                    delay = self.retry_policy.next_delay(exc, attempt, waited)
+                    if delay is None:
+                        raise
+                    logger.warning(
+                        "retrying execution after %s (attempt %d, in %.3fs)",
+                        type(exc).__name__,
+                        attempt + 1,
+                        delay,
+                        extra={"correlation_id": cid},
+                    )
+                    await asyncio.sleep(delay)
+                    attempt, waited = attempt + 1, waited + delay
+        finally:
+            if recorder is not None:
+                recorder.discard()
 
     def _prepare(self, request: Request) -> Prepared:
         """Check ``request`` and encode it; raises :class:`InvalidRequestError`."""
@@ -401,6 +475,11 @@ class ExecutorClient(Closing):
             from codemode.tools.discovery import DISCOVERY_TOOLS
 
             specs += [pb.ToolSpec(name=n) for n in DISCOVERY_TOOLS if n not in names]
+        binding = ""
+        if self.journaling:
+            # codemode.step() in the program: its values are journaled like tool answers.
+            specs.append(pb.ToolSpec(name=STEP_TOOL))
+            binding = binding_of(code, names)
         try:
             config_json = json.dumps(dict(request.config or {}), separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
@@ -418,9 +497,11 @@ class ExecutorClient(Closing):
             stream_output=request.stream_output,
             files=[pb.FileInfo(name=name, size=len(data)) for name, data in files],
         )
-        return Prepared(start, context.with_correlation_id(cid), tools, cid, files)
+        return Prepared(start, context.with_correlation_id(cid), tools, cid, files, binding)
 
-    async def _stream_once(self, prepared: Prepared) -> AsyncIterator[ExecutionEvent]:
+    async def _stream_once(
+        self, prepared: Prepared, recorder: Recorder | None = None
+    ) -> AsyncIterator[ExecutionEvent]:
         """One attempt: open the stream, send the start frame, relay until the result."""
         channel = self._channel()
         await self._wait_connected(channel, prepared.correlation_id)
@@ -429,7 +510,7 @@ class ExecutorClient(Closing):
             timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
         )
         try:
-            async for event in exchange(call, prepared, self.config.tool_timeout):
+            async for event in exchange(call, prepared, self.config.tool_timeout, recorder):
                 yield event
         finally:
             call.cancel()
@@ -447,6 +528,29 @@ class ExecutorClient(Closing):
                 correlation_id=cid,
                 status="UNAVAILABLE",
             ) from None
+
+
+class _Shown:
+    """How much of each output stream was yielded, so that a re-run after a failover (which
+    prints the same again) yields only what is new."""
+
+    def __init__(self) -> None:
+        self.yielded = {"stdout": 0, "stderr": 0}
+        self.seen = {"stdout": 0, "stderr": 0}
+
+    def new_attempt(self) -> None:
+        self.seen = {"stdout": 0, "stderr": 0}
+
+    def unseen(self, event: OutputEvent) -> OutputEvent | None:
+        start = self.seen[event.stream]
+        end = self.seen[event.stream] = start + len(event.text)
+        already = self.yielded[event.stream]
+        if end <= already:
+            return None
+        self.yielded[event.stream] = end
+        return (
+            event if start >= already else OutputEvent(event.stream, event.text[already - start :])
+        )
 
 
 def _close_elsewhere(loop: asyncio.AbstractEventLoop, channel: grpc.aio.Channel) -> None:

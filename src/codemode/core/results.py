@@ -37,6 +37,10 @@ class ExecutionResult:
     files: dict[str, bytes] = field(default_factory=dict)
     #: In a session: whether its sandbox survived this execution (False after a limit hit).
     session_alive: bool = False
+    #: Executors it ran on: more than 1 after a failover (see ``ClientConfig.failover``).
+    attempts: int = 1
+    #: Tool calls answered from the journal on a re-run, without calling the tool again.
+    replayed_tool_calls: int = 0
 
     @cached_property
     def value(self) -> Any:

@@ -33,7 +33,7 @@ from .protocol import (
     encode_frame,
     parse_header,
 )
-from .tools import JSON_ENCODER, Relay, ToolError, Tools
+from .tools import JSON_ENCODER, Relay, Steps, ToolError, Tools
 
 #: Filename under which the user's code is compiled; tracebacks keep only these frames.
 USER_FILENAME = "<codemode>"
@@ -267,6 +267,7 @@ def _enter(namespace: dict[str, Any], header: Mapping[str, Any], relay: Relay) -
     relay.tool_names = frozenset(header.get("tools") or ())
     namespace.pop("result", None)
     namespace["tools"] = Tools(relay)
+    namespace["codemode"] = Steps(relay)
     namespace["context"] = _freeze(header.get("context") or {})
     namespace["config"] = _freeze(header.get("config") or {})
 

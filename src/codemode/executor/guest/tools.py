@@ -20,7 +20,9 @@ from .protocol import Channel, ProtocolError
 #: Reserved tool names behind ``tools.search`` / ``tools.describe``, answered by the client.
 SEARCH_TOOL = "_codemode_search"
 DESCRIBE_TOOL = "_codemode_describe"
-_DISCOVERY = frozenset({SEARCH_TOOL, DESCRIBE_TOOL})
+#: Reserved tool name behind ``codemode.step``, answered (and journaled) by the client.
+STEP_TOOL = "_codemode_step"
+_DISCOVERY = frozenset({SEARCH_TOOL, DESCRIBE_TOOL, STEP_TOOL})
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 # Builtin exception types a tool's error may be re-raised as inside the guest, so that
@@ -376,3 +378,24 @@ class Tools:
 
     def __repr__(self) -> str:
         return f"<tools: {', '.join(sorted(self._names))}>"
+
+
+class Steps:
+    """The program's ``codemode``: ``codemode.step(name, fn)`` records a value that changes
+    between runs (``random``, ``time``), so that a re-run of the execution (after a failover,
+    or an approval) gets the first run's value and calls the same tools again."""
+
+    __slots__ = ("_relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def step(self, name: str, fn: Any) -> Any:
+        """``fn()``, or on a re-run the value it returned the first time (JSON values only)."""
+        value = fn()
+        if STEP_TOOL not in self._relay.tool_names:
+            return value  # the application keeps no journal: nothing to record
+        return self._relay.call(STEP_TOOL, (name, value), {})
+
+    def __repr__(self) -> str:
+        return "<codemode: step(name, fn)>"
