@@ -18,7 +18,8 @@ from codemode.config import ClientConfig, ConfigError, ExecutorConfig
 def _serve(args: argparse.Namespace) -> int:
     from codemode.executor.sandbox.factory import IsolationUnavailable, make_backend
     from codemode.executor.sandbox.runtime import SandboxUnavailable
-    from codemode.executor.service.server import serve_forever
+    from codemode.executor.service.metrics import MetricsUnavailable
+    from codemode.executor.service.server import RunningServer, serve_forever
     from codemode.logs import configure_logging
 
     try:
@@ -33,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             sandbox_venv=args.sandbox_venv,
             preload_modules=args.preload,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except ConfigError as exc:
         print(f"codemode serve: {exc}", file=sys.stderr)
@@ -49,14 +52,18 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    def ready(port: int) -> None:
-        # One machine-readable line so that scripts and tests can find an ephemeral port.
+    def ready(running: RunningServer) -> None:
+        # Machine-readable lines so that scripts and tests can find ephemeral ports.
+        port = running.port
         where = config.host if config.host.startswith("unix:") else f"{config.host}:{port}"
         print(f"codemode serve: listening on {where}", flush=True)
+        if running.metrics is not None:
+            print(f"codemode serve: metrics on {running.metrics.url}", flush=True)
 
     try:
         asyncio.run(serve_forever(config, backend, on_ready=ready))
-    except SandboxUnavailable as exc:  # found at start: a bad sandbox venv, a failing preload
+    except (SandboxUnavailable, MetricsUnavailable) as exc:
+        # Found at start: a bad sandbox venv, a failing preload, a metrics port in use.
         print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
         return 3
     return 0
@@ -288,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_arguments(serve)
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     serve.add_argument("--log-format", choices=["json", "text"])
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at /metrics on this port (default: none; 0 picks one)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        help="address the metrics endpoint binds (default 127.0.0.1; it has no authentication)",
+    )
     serve.set_defaults(func=_serve)
 
     run = sub.add_parser(

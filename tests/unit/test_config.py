@@ -124,6 +124,37 @@ def test_executor_tls_needs_cert_and_key(tmp_path: Path) -> None:
         ExecutorConfig.load(api_key="long-enough-key", tls_cert_file=tmp_path / "cert.pem")
 
 
+def test_executor_metrics_are_off_by_default_and_bind_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No metrics port unless one is set (CODEMODE_METRICS_PORT works); the host is loopback."""
+    config = ExecutorConfig.load(insecure_no_auth=True)
+    assert (config.metrics_port, config.metrics_host) == (None, "127.0.0.1")
+    monkeypatch.setenv("CODEMODE_METRICS_PORT", "9464")
+    monkeypatch.setenv("CODEMODE_METRICS_HOST", "10.0.0.7")
+    config = ExecutorConfig.load(insecure_no_auth=True)
+    assert (config.metrics_port, config.metrics_host) == (9464, "10.0.0.7")
+    assert ExecutorConfig.load(insecure_no_auth=True, metrics_port=0).metrics_port == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"metrics_port": 65536}, "metrics_port: Input should be less than or equal to 65535"),
+        ({"metrics_port": -1}, "metrics_port: Input should be greater than or equal to 0"),
+        ({"metrics_port": "http"}, "metrics_port: Input should be a valid integer"),
+        ({"metrics_port": 8001}, "metrics_port 8001 is the service's port; pick another"),
+        ({"metrics_host": ""}, "metrics_host: String should have at least 1 character"),
+    ],
+    ids=["too-high", "negative", "not-a-number", "the-service-port", "empty-host"],
+)
+def test_executor_metrics_settings_are_checked(values: dict[str, object], message: str) -> None:
+    """A bad metrics port or host raises ConfigError naming the setting and what is wrong."""
+    with pytest.raises(ConfigError) as info:
+        ExecutorConfig.load(insecure_no_auth=True, **values)
+    assert message in str(info.value)
+
+
 def test_executor_precedence_explicit_env_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 DEFAULT_EXECUTOR_URL = "http://localhost:8001"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
+#: Service: the metrics endpoint is unauthenticated, so it binds loopback unless told otherwise.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 #: Client: default wall-clock limit of one execution, seconds.
 EXECUTION_TIMEOUT_S = 30.0

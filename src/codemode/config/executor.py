@@ -116,6 +116,19 @@ class ExecutorConfig(YamlSettings):
     )
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics at http://metrics_host:metrics_port/metrics "
+        "(0 picks a free port); None, the default, serves none.",
+    )
+    metrics_host: str = Field(
+        default=d.DEFAULT_METRICS_HOST,
+        min_length=1,
+        description="Address the metrics endpoint binds. It has no authentication, so it is "
+        "loopback unless set (0.0.0.0 for a Prometheus outside the host or container).",
+    )
 
     @field_validator("preload_modules", mode="before")
     @classmethod
@@ -148,6 +161,14 @@ class ExecutorConfig(YamlSettings):
             raise ValueError("api_key must be at least 8 characters")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if (
+            self.metrics_port
+            and self.metrics_port == self.port
+            and not self.host.startswith("unix:")
+        ):
+            raise ValueError(
+                f"metrics_port {self.metrics_port} is the service's port; pick another"
+            )
         return self
 
     @classmethod

@@ -15,6 +15,7 @@ from codemode.executor.sandbox.interface import (
     GuestExit,
     GuestFds,
     GuestProcess,
+    PoolStats,
     ReadyGuest,
     SandboxBackend,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "GuestExit",
     "GuestFds",
     "GuestProcess",
+    "PoolStats",
     "ReadyGuest",
     "SandboxBackend",
 ]

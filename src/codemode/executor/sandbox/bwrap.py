@@ -63,6 +63,7 @@ from codemode.executor.sandbox.interface import (
     GuestExit,
     GuestFds,
     GuestProcess,
+    PoolStats,
 )
 from codemode.executor.sandbox.runtime import GUEST_MOUNT, RuntimeLayout, SandboxUnavailable
 
@@ -155,6 +156,13 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
         self._argv_head: list[str] = []
         self._launcher = ""
         self._running: dict[int, _Running] = {}
+        #: Sandboxes started for the pool, and sandboxes that did not start, for the metrics.
+        self._refills = 0
+        self._start_failures = 0
+
+    def pool_stats(self) -> tuple[PoolStats, ...]:
+        kind = "preloaded" if self.preload_modules else "plain"
+        return (PoolStats(kind, len(self._pool), self._refills, self._start_failures),)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -256,6 +264,7 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
             await guest._pid_known.wait()
             if await guest._until_ready() and guest._hand_over(fds):
                 return guest
+            self._start_failures += 1
             guest.kill()  # it died while waiting; its supervisor cleans up
         raise SandboxUnavailable("sandboxes die before they can be used; run `codemode doctor`")
 
@@ -266,6 +275,7 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
             except (OSError, SandboxUnavailable) as exc:
                 logger.warning("could not pre-start a sandbox: %s", exc)
                 return
+            self._refills += 1
             if self._closed:
                 guest.kill()
                 return
@@ -290,7 +300,9 @@ class BwrapBackend(HostSandboxBackend["_BwrapGuest"]):
                 self._seccomp_bpf,
                 stderr=asyncio.subprocess.DEVNULL,
             )
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._start_failures += 1
             ours.close()
             if group is not None:
                 group.kill_all()

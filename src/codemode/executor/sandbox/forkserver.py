@@ -82,6 +82,7 @@ from codemode.executor.sandbox.interface import (
     GuestExit,
     GuestFds,
     GuestProcess,
+    PoolStats,
     ReadyGuest,
 )
 from codemode.executor.sandbox.runtime import GUEST_MOUNT, SandboxUnavailable
@@ -160,6 +161,13 @@ class _Line:
         self.forking = 0
         #: Requests waiting for the next guest forked for the pool (``None``: fork your own).
         self.waiting: collections.deque[asyncio.Future[_ForkGuest | None]] = collections.deque()
+        #: Guests forked for the pool, and guests that did not start, for the metrics.
+        self.refills = 0
+        self.start_failures = 0
+
+    def stats(self) -> PoolStats:
+        kind = "preloaded" if self.preload else "plain"
+        return PoolStats(kind, len(self.pool), self.refills, self.start_failures)
 
 
 class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
@@ -186,6 +194,9 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
     @property
     def _lines(self) -> list[_Line]:
         return [self._plain] if self._preloaded is None else [self._preloaded, self._plain]
+
+    def pool_stats(self) -> tuple[PoolStats, ...]:
+        return tuple(line.stats() for line in self._lines)
 
     def _line(self, packages: bool) -> _Line:
         """The preloaded line for a program that imports packages (if there is one), else plain."""
@@ -401,10 +412,15 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
                 if self._closed:
                     raise RuntimeError("backend is closed")
             if guest is None:
-                guest = await self._fork(line)
+                try:
+                    guest = await self._fork(line)
+                except Exception:
+                    line.start_failures += 1
+                    raise
                 try:
                     await guest._ready
                 except (SandboxUnavailable, OSError) as exc:
+                    line.start_failures += 1
                     logger.warning("a forked guest did not start: %s", exc)
                     continue
             if guest._usable():
@@ -436,8 +452,10 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
                 try:
                     guest = await self._fork(line)
                 except (OSError, SandboxUnavailable) as exc:
+                    line.start_failures += 1
                     logger.warning("could not fork a guest ahead: %s", exc)
                     return
+                line.refills += 1
                 line.forking += 1
                 guest._ready.add_done_callback(self._on_pooled_ready(line, guest))
 
@@ -447,6 +465,8 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
         def done(future: asyncio.Future[None]) -> None:
             line.forking -= 1
             if future.cancelled() or future.exception() is not None:
+                if not self._closed:
+                    line.start_failures += 1
                 self._hand_over_pooled(line, None)  # one fewer coming: a waiter forks its own
                 return
             if self._closed or guest._zygote.dead:

@@ -22,6 +22,7 @@ __all__ = [
     "GuestExit",
     "GuestFds",
     "GuestProcess",
+    "PoolStats",
     "ReadyGuest",
     "SandboxBackend",
 ]
@@ -79,6 +80,23 @@ class ReadyGuest:
     stderr: int
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One pool of guests started ahead of need, as :meth:`SandboxBackend.pool_stats` sees it.
+
+    ``kind`` is ``"preloaded"`` when its guests have the operator's preloads imported, else
+    ``"plain"``. ``refills`` and ``start_failures`` count since the backend was made.
+    """
+
+    kind: str
+    #: Guests ready and waiting in the pool now.
+    size: int
+    #: Guests started for the pool (ahead of need).
+    refills: int
+    #: Guests that failed to start (for the pool or for a request).
+    start_failures: int
+
+
 class SandboxBackend(abc.ABC):
     """Starts guests. ``start`` may warm a pool; ``close`` must leave nothing running."""
 
@@ -109,6 +127,14 @@ class SandboxBackend(abc.ABC):
         the operator's preloads serves it as well (and, where one is kept, more cheaply).
         """
         return None
+
+    def pool_stats(self) -> tuple[PoolStats, ...]:
+        """Its pools now, one per kind of guest; none where guests are not started ahead.
+
+        Cheap and side-effect free: the service's metrics call it on every scrape, from
+        another thread, so it only reads counters the event loop keeps.
+        """
+        return ()
 
     def describe(self) -> dict[str, str]:
         """What this backend enforces on this host, for the start-up log line."""

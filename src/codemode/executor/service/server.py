@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +20,7 @@ from codemode.config._defaults import MAX_MESSAGE_BYTES
 from codemode.executor.run.execution import wait_reaped
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.service.auth import AuthInterceptor
+from codemode.executor.service.metrics import ExecutorMetrics, MetricsEndpoint, serve_metrics
 from codemode.executor.service.servicer import ExecutorServicer
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire import grpc_io
@@ -30,13 +32,15 @@ SERVICE_NAME = "codemode.v1.Executor"
 
 @dataclass
 class RunningServer:
-    """A started server: its bound port and what :meth:`stop` needs."""
+    """A started server: its bound port, its metrics endpoint (if any), what :meth:`stop`
+    needs."""
 
     server: grpc.aio.Server
     port: int
     servicer: ExecutorServicer
     health: HealthServicer
     backend: SandboxBackend
+    metrics: MetricsEndpoint | None = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running executions finish for ``grace`` s, kill the rest."""
@@ -46,10 +50,16 @@ class RunningServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait_reaped(), timeout=5.0)
         await self.backend.close()
+        if self.metrics is not None:  # last: a scrape during the shutdown still gets an answer
+            await self.metrics.stop()
 
 
 async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> RunningServer:
-    """Start serving on ``config.host:config.port`` (port 0 picks a free one)."""
+    """Start serving on ``config.host:config.port`` (port 0 picks a free one), and metrics on
+    ``config.metrics_host:config.metrics_port`` when that is set.
+
+    Raises :class:`~.metrics.MetricsUnavailable` when the metrics port cannot be bound.
+    """
     interceptors = []
     if config.api_key is not None:
         interceptors.append(AuthInterceptor(config.api_key.get_secret_value()))
@@ -62,7 +72,8 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
         ],
         maximum_concurrent_rpcs=None,
     )
-    servicer = ExecutorServicer(config, backend)
+    metrics = ExecutorMetrics() if config.metrics_port is not None else None
+    servicer = ExecutorServicer(config, backend, metrics)
     pb_grpc.add_ExecutorServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -80,15 +91,26 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
-    await backend.start()
-    await server.start()
+    endpoint = None
+    if metrics is not None and config.metrics_port is not None:
+        endpoint = serve_metrics(metrics.registry, config.metrics_host, config.metrics_port)
+    try:
+        await backend.start()
+        await server.start()
+    except BaseException:
+        if endpoint is not None:
+            await endpoint.stop()
+        raise
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, servicer, health, backend)
+    return RunningServer(server, port, servicer, health, backend, endpoint)
 
 
 async def serve_forever(
-    config: ExecutorConfig, backend: SandboxBackend, *, on_ready: object = None
+    config: ExecutorConfig,
+    backend: SandboxBackend,
+    *,
+    on_ready: Callable[[RunningServer], None] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``."""
     running = await start_server(config, backend)
@@ -105,8 +127,10 @@ async def serve_forever(
             "grpc_io": "poller" if grpc_io.APPLIED else "grpc's default",
         },
     )
-    if callable(on_ready):
-        on_ready(running.port)
+    if running.metrics is not None:
+        logger.info("metrics serving", extra={"url": running.metrics.url})
+    if on_ready is not None:
+        on_ready(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

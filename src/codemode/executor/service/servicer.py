@@ -30,6 +30,7 @@ from codemode.executor.run.outcome import (
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.sandbox.factory import PROCESS_WARNING
 from codemode.executor.service.admission import Admission, Overloaded
+from codemode.executor.service.metrics import ExecutorMetrics
 from codemode.executor.service.sessions import Sessions
 from codemode.executor.service.stream import ClientProtocolError, ClientStream, check_files
 from codemode.wire import codemode_pb2 as pb
@@ -52,14 +53,22 @@ _NO_FILES = (
 class ExecutorServicer(pb_grpc.ExecutorServicer):
     """Implements ``Execute`` (one stream, one execution), ``Session`` and ``Info``."""
 
-    def __init__(self, config: ExecutorConfig, backend: SandboxBackend) -> None:
+    def __init__(
+        self,
+        config: ExecutorConfig,
+        backend: SandboxBackend,
+        metrics: ExecutorMetrics | None = None,
+    ) -> None:
         self._config = config
         self._backend = backend
         self._admission = Admission(
             config.max_concurrent_executions, config.max_queued_executions, config.queue_timeout
         )
         self.accepting = True
-        self._sessions = Sessions(config, backend)
+        self._metrics = metrics
+        self._sessions = Sessions(config, backend, metrics)
+        if metrics is not None:
+            metrics.watch(backend, lambda: self._sessions.open)
 
     def stop_accepting(self) -> None:
         """Refuse new executions and sessions; open sessions end at their next idle moment."""
@@ -111,16 +120,23 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.files and not self._backend.isolated:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _NO_FILES)
+        metrics = self._metrics
         if not self.accepting:
+            if metrics is not None:
+                metrics.refused("shutting_down")
             await _abort_not_started(
                 context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down"
             )
-        stream = ClientStream(frames, context)
+        stream = ClientStream(frames, context, metrics=metrics)
         try:
-            async with self._admission.slot():
+            async with self._admission.slot() as waited:
+                if metrics is not None:
+                    metrics.admitted(waited)
                 logger.info("execution started", extra=log)
                 result = await self._run(request, stream, context)
         except Overloaded as exc:
+            if metrics is not None:
+                metrics.refused("overloaded")
             logger.warning("refused: executor overloaded (%s)", exc, extra=log)
             await _abort_not_started(
                 context,
@@ -149,7 +165,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
         cid, frames, first = await _opening(request_iterator, context, "open_session")
-        stream = ClientStream(frames, context, session=True)
+        stream = ClientStream(frames, context, session=True, metrics=self._metrics)
         await self._sessions.serve(
             first.open_session, stream, context, cid, self._validate, to_wire
         )
@@ -208,12 +224,15 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         on_output = stream.on_output if request.stream_output else None
         stream.start_reading()
         try:
-            return await stream.run(
+            execution = stream.run(
                 request.files,
                 lambda inputs: run_execution(
                     self._backend, request, stream.call_tool, on_output, inputs
                 ),
             )
+            if self._metrics is not None:
+                return await self._metrics.measured(execution)
+            return await execution
         finally:
             stream.stop_reading()
 

@@ -28,6 +28,7 @@ from codemode.config import ExecutorConfig, LimitsConfig
 from codemode.executor.run.execution import HeldGuest
 from codemode.executor.run.outcome import ExecutionRequest, RunOutcome
 from codemode.executor.sandbox import SandboxBackend
+from codemode.executor.service.metrics import ExecutorMetrics
 from codemode.executor.service.stream import END, ClientProtocolError, ClientStream
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire.names import NOT_STARTED_TRAILER
@@ -51,9 +52,15 @@ class SessionEnded(Exception):
 class Sessions:
     """The sessions open on this executor, each on its own stream."""
 
-    def __init__(self, config: ExecutorConfig, backend: SandboxBackend) -> None:
+    def __init__(
+        self,
+        config: ExecutorConfig,
+        backend: SandboxBackend,
+        metrics: ExecutorMetrics | None = None,
+    ) -> None:
         self._config = config
         self._backend = backend
+        self._metrics = metrics
         self._streams: set[ClientStream] = set()
         self._stopping = False
 
@@ -185,7 +192,11 @@ class Sessions:
                 request = dataclasses.replace(request, timeout=max(left, 0.001))
             on_output = stream.on_output if request.stream_output else None
             run = functools.partial(held.run, request, stream.call_tool, on_output, session=True)
-            outcome = await stream.run(request.files, run)
+            execution = stream.run(request.files, run)
+            if self._metrics is not None:
+                outcome = await self._metrics.measured(execution)
+            else:
+                outcome = await execution
             await stream.write_outcome(outcome, to_wire(outcome, cid))
             logger.info(
                 "session execution finished",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import grpc.aio
 
 from codemode.config._defaults import FILE_CHUNK_BYTES
 from codemode.executor.run.outcome import FileInfo, RunOutcome, Stream, ToolReply
+from codemode.executor.service.metrics import ExecutorMetrics
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire.names import MAX_INPUT_FILES, ErrorType, file_name_problem
 
@@ -50,8 +52,10 @@ class ClientStream:
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
         *,
         session: bool = False,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self._frames = frames
+        self._metrics = metrics
         self._context = context
         self._session = session
         self._pending: dict[str, asyncio.Future[pb.ToolResult]] = {}
@@ -73,12 +77,21 @@ class ClientStream:
     async def call_tool(self, tool: str, arguments: bytes) -> ToolReply:
         call_id = str(next(self._ids))
         future = self._pending[call_id] = asyncio.get_running_loop().create_future()
-        await self.write(
-            pb.ServerFrame(
-                tool_call=pb.ToolCall(call_id=call_id, tool=tool, arguments_json=arguments)
+        metrics = self._metrics
+        started = time.perf_counter() if metrics is not None else 0.0
+        try:
+            await self.write(
+                pb.ServerFrame(
+                    tool_call=pb.ToolCall(call_id=call_id, tool=tool, arguments_json=arguments)
+                )
             )
-        )
-        answer = await future
+            answer = await future
+        except asyncio.CancelledError:
+            if metrics is not None:
+                metrics.tool_call("abandoned", None)
+            raise
+        if metrics is not None:
+            metrics.tool_call("ok" if answer.ok else "error", time.perf_counter() - started)
         return ToolReply(answer.ok, answer.value_json, answer.error_type, answer.error_message)
 
     async def on_output(self, stream: Stream, data: bytes) -> None:
