@@ -35,6 +35,12 @@ if TYPE_CHECKING:
         SessionExpiredError,
         SessionLostError,
     )
+    from codemode.core.budget import ToolBudget
+    from codemode.core.journal import (
+        JournalCorruptedError,
+        JournalMismatchError,
+        ReplayDivergedError,
+    )
     from codemode.core.results import OutputEvent, ResultEvent, ToolCallEvent, ToolResultEvent
     from codemode.tools import tool
 
@@ -55,13 +61,17 @@ _EXPORTS = {
     "ExecutorRequestError": "codemode.core",
     "ExecutorTimeoutError": "codemode.core",
     "InvalidRequestError": "codemode.core",
+    "JournalCorruptedError": "codemode.core.journal",
+    "JournalMismatchError": "codemode.core.journal",
     "OutputEvent": "codemode.core.results",
+    "ReplayDivergedError": "codemode.core.journal",
     "ResultEvent": "codemode.core.results",
     "RuntimeContext": "codemode.core",
     "Session": "codemode.core",
     "SessionClosedError": "codemode.core",
     "SessionExpiredError": "codemode.core",
     "SessionLostError": "codemode.core",
+    "ToolBudget": "codemode.core.budget",
     "ToolCallEvent": "codemode.core.results",
     "ToolResultEvent": "codemode.core.results",
     "tool": "codemode.tools",
@@ -83,13 +93,17 @@ __all__ = [
     "ExecutorRequestError",
     "ExecutorTimeoutError",
     "InvalidRequestError",
+    "JournalCorruptedError",
+    "JournalMismatchError",
     "OutputEvent",
+    "ReplayDivergedError",
     "ResultEvent",
     "RuntimeContext",
     "Session",
     "SessionClosedError",
     "SessionExpiredError",
     "SessionLostError",
+    "ToolBudget",
     "ToolCallEvent",
     "ToolResultEvent",
     "__version__",

@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from codemode.config._defaults import CANCEL_NOTICE_S, FILE_CHUNK_BYTES
+from codemode.core.budget import BUDGET_ERROR, BudgetMeter, Redactor, ToolBudget
 from codemode.core.context import RuntimeContext, current_correlation_id
 from codemode.core.errors import (
     ExecutorClientError,
@@ -62,6 +63,7 @@ class Prepared:
     files: tuple[tuple[str, bytes], ...] = ()
     #: What its journal is bound to (:func:`~codemode.core.journal.binding_of`); "" for none.
     binding: str = ""
+    budget: ToolBudget | None = None
 
     def with_timeout(self, seconds: float) -> Prepared:
         """This request with ``seconds`` left to run (a re-run within the first deadline)."""
@@ -72,7 +74,11 @@ class Prepared:
 
 
 async def exchange(
-    call: Any, prepared: Prepared, tool_timeout: float, recorder: Recorder | None = None
+    call: Any,
+    prepared: Prepared,
+    tool_timeout: float,
+    recorder: Recorder | None = None,
+    redactor: Redactor | None = None,
 ) -> AsyncIterator[ExecutionEvent]:
     """One execution on an open stream: start frame, files, tool calls answered, the result.
 
@@ -81,10 +87,14 @@ async def exchange(
     :mod:`codemode.core.errors` exception its status maps to. With a ``recorder``, tool
     calls its journal holds are answered from it (no event is yielded for them), new ones are
     recorded, and a lost stream first lets the calls in flight finish, so that they are
-    recorded too.
+    recorded too. The request's budget is metered here, per attempt (a re-run replays the
+    same calls); ``redactor`` cleans the relay's log lines.
     """
     cid = prepared.correlation_id
-    relay = _ToolRelay(call, prepared.tools, prepared.context, cid, tool_timeout, recorder)
+    meter = BudgetMeter(prepared.budget) if prepared.budget is not None else None
+    relay = _ToolRelay(
+        call, prepared.tools, prepared.context, cid, tool_timeout, recorder, meter, redactor
+    )
     sent = False
     try:
         try:
@@ -133,7 +143,10 @@ async def exchange(
             elif kind == "result":
                 for event in relay.finished():
                     yield event
-                yield ResultEvent(result_from_wire(frame.result, cid, received.take(frame.result)))
+                result = result_from_wire(frame.result, cid, received.take(frame.result))
+                if meter is not None and meter.exceeded is not None:
+                    result = replace(result, budget_exceeded=meter.exceeded)
+                yield ResultEvent(result)
                 return
             for event in relay.finished():
                 yield event
@@ -165,9 +178,13 @@ class _ToolRelay:
         cid: str,
         tool_timeout: float,
         recorder: Recorder | None = None,
+        meter: BudgetMeter | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._call = call
         self._recorder = recorder
+        self._meter = meter
+        self._redactor = redactor
         self._tools = tools
         self._context = context
         self._cid = cid
@@ -196,6 +213,10 @@ class _ToolRelay:
             canonical = canonical_arguments(args[:1] if name == STEP_TOOL else args, kwargs)
             seq, entry = self._recorder.take(name, canonical)
             if entry is not None:
+                if self._meter is not None and name != STEP_TOOL:
+                    # Counted as on the first run; its answer is the journal's either way.
+                    self._meter.admit(name)
+                    self._meter.spent(time.perf_counter(), len(entry.value_json))
                 self._spawn(self._replay(frame.call_id, entry))
                 return None
             journal = (seq, canonical)
@@ -272,7 +293,16 @@ class _ToolRelay:
         journal: tuple[int, str] | None,
     ) -> ToolResultEvent:
         started = time.perf_counter()
-        reply = await self._run(name, args, kwargs)
+        meter = self._meter
+        refused = meter.admit(name) if meter is not None and name != STEP_TOOL else None
+        if refused is not None:
+            reply = _tool_error(BUDGET_ERROR, refused)
+        else:
+            reply = await self._run(name, args, kwargs)
+            if meter is not None and name != STEP_TOOL:
+                over = meter.spent(started, len(reply.value_json))
+                if over is not None:
+                    reply = _tool_error(BUDGET_ERROR, over)
         if journal is not None and self._recorder is not None:
             seq, canonical = journal
             entry = JournalEntry(
@@ -287,11 +317,12 @@ class _ToolRelay:
             self._recorder.record(entry)
         reply.call_id = call_id
         if not reply.ok:
+            message = reply.error_message
             logger.info(
                 "tool %s failed: %s: %s",
                 name,
                 reply.error_type,
-                reply.error_message,
+                self._redactor.text(message) if self._redactor is not None else message,
                 extra={"correlation_id": self._cid},
             )
         await self._write(reply)
@@ -332,13 +363,19 @@ class _ToolRelay:
                 f"tool {name!r} is declared but not registered in the application",
             )
         current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
-        deadline = asyncio.timeout(self._timeout)  # no extra task, unlike wait_for
+        timeout = self._timeout
+        budgeted = self._meter.time_left() if self._meter is not None else None
+        if budgeted is not None and budgeted < timeout:
+            timeout = budgeted
+        deadline = asyncio.timeout(timeout)  # no extra task, unlike wait_for
         try:
             async with deadline:
                 value = await call_tool(tool, args, kwargs, self._context, name=name)
         except TimeoutError as exc:
             if not deadline.expired():  # the tool's own TimeoutError, not the relay's
                 return _tool_error(type(exc).__name__, str(exc))
+            if timeout < self._timeout and self._meter is not None:
+                return _tool_error(BUDGET_ERROR, self._meter.timed_out())
             return _tool_error(
                 "TimeoutError", f"tool {name!r} did not answer within {self._timeout:g}s"
             )

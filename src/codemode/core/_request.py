@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from codemode.core.budget import Redaction, ToolBudget
 from codemode.core.context import RuntimeContext, current_context
 
 
@@ -31,6 +32,8 @@ class Request:
     limits: Mapping[str, float] | None = None
     files: Mapping[str, bytes] | None = None
     stream_output: bool = False
+    budget: ToolBudget | None = None
+    redact: Redaction | None = None
 
     def in_caller_context(self) -> Request:
         """This request with the calling task's context filled in, before it runs elsewhere.

@@ -9,6 +9,7 @@ from typing import Any, Self
 from codemode.config import ClientConfig
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
+from codemode.core.budget import Redaction, ToolBudget
 from codemode.core.context import ContextScope, RuntimeContext
 from codemode.core.executor_client import ExecutorClient, run_sync
 from codemode.core.registry import ComponentRegistry
@@ -127,13 +128,27 @@ class Codemode(Closing):
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> ExecutionResult:
         """Run ``code`` and return the full :class:`ExecutionResult`, failed or not.
 
         ``files`` (name to bytes) are placed read-only under ``/input`` before the program
         starts; what it leaves in ``/output`` comes back as ``ExecutionResult.files``.
+        ``budget`` (a :class:`~codemode.core.budget.ToolBudget`) bounds its tool calls;
+        ``redact`` (secret strings, or a callable of the text) is applied to its output and
+        result before they leave the client.
         """
-        request = Request(code, available_tools, config, execution_timeout, context, files=files)
+        request = Request(
+            code,
+            available_tools,
+            config,
+            execution_timeout,
+            context,
+            files=files,
+            budget=budget,
+            redact=redact,
+        )
         return await self.client._execute(request)
 
     async def execute_async(
@@ -145,15 +160,26 @@ class Codemode(Closing):
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> str | None:
         """Run ``code`` and return its ``result`` JSON-encoded (``"4"``), or None if unset.
 
-        ``files`` as :meth:`run_async` (use that to get the output files back). Raises
+        ``files``, ``budget`` and ``redact`` as :meth:`run_async`. Raises
         :class:`ExecutionError` when the program fails (``.result`` has the details),
         :class:`ExecutorTimeoutError` when it runs out of time, and the connection and
         request errors of :mod:`codemode.core.errors`.
         """
-        request = Request(code, available_tools, config, execution_timeout, context, files=files)
+        request = Request(
+            code,
+            available_tools,
+            config,
+            execution_timeout,
+            context,
+            files=files,
+            budget=budget,
+            redact=redact,
+        )
         return unwrap(await self.client._execute(request))
 
     def execute(
@@ -165,9 +191,20 @@ class Codemode(Closing):
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> str | None:
         """Blocking :meth:`execute_async`, for scripts and sync code (not inside a running loop)."""
-        request = Request(code, available_tools, config, execution_timeout, context, files=files)
+        request = Request(
+            code,
+            available_tools,
+            config,
+            execution_timeout,
+            context,
+            files=files,
+            budget=budget,
+            redact=redact,
+        )
         return unwrap(run_sync(self.client._execute(request.in_caller_context())))
 
     def stream(
@@ -179,6 +216,8 @@ class Codemode(Closing):
         execution_timeout: float | None = None,
         context: RuntimeContext | Mapping[str, Any] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> AsyncIterator[ExecutionEvent]:
         """Run ``code``, yielding output, tool-call and result events as they happen."""
         return self.client._events(
@@ -190,6 +229,8 @@ class Codemode(Closing):
                 context,
                 files=files,
                 stream_output=True,
+                budget=budget,
+                redact=redact,
             )
         )
 

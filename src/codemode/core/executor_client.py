@@ -35,6 +35,7 @@ from codemode.core._exchange import (
 )
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
+from codemode.core.budget import Redaction, Redactor, ToolBudget
 from codemode.core.channel import open_channel
 from codemode.core.context import RuntimeContext, current_context
 from codemode.core.errors import (
@@ -270,6 +271,8 @@ class ExecutorClient(Closing):
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> ExecutionResult:
         """Run ``code`` and return its outcome; a failed program is a failed result, not an error.
 
@@ -279,7 +282,10 @@ class ExecutorClient(Closing):
         ``execution_timeout`` (seconds, default ``config.timeout``) is enforced by the executor.
         ``limits`` lowers the executor's limits for this run. ``files`` (name to bytes) are
         placed read-only under ``/input`` before the program starts; what it leaves in
-        ``/output`` comes back as ``ExecutionResult.files``.
+        ``/output`` comes back as ``ExecutionResult.files``. ``budget`` bounds its tool calls
+        (a call past it raises ``ToolBudgetExceeded`` in the program, and
+        ``ExecutionResult.budget_exceeded`` names the budget); ``redact`` (secret strings, or a
+        callable of the text) is applied to its output, result and the client's log lines.
 
         Raises :class:`ExecutorConnectionError`, :class:`ExecutorTimeoutError` (the client
         deadline passed without an outcome), :class:`ExecutorRequestError` subclasses, and
@@ -295,6 +301,8 @@ class ExecutorClient(Closing):
                 correlation_id=correlation_id,
                 limits=limits,
                 files=files,
+                budget=budget,
+                redact=redact,
             )
         )
 
@@ -309,6 +317,8 @@ class ExecutorClient(Closing):
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
     ) -> ExecutionResult:
         """Blocking :meth:`execute_async`; works with or without a running event loop."""
         request = Request(
@@ -320,6 +330,8 @@ class ExecutorClient(Closing):
             correlation_id=correlation_id,
             limits=limits,
             files=files,
+            budget=budget,
+            redact=redact,
         )
         return run_sync(self._execute(request.in_caller_context()))
 
@@ -334,6 +346,8 @@ class ExecutorClient(Closing):
         correlation_id: str | None = None,
         limits: Mapping[str, float] | None = None,
         files: Mapping[str, bytes] | None = None,
+        budget: ToolBudget | None = None,
+        redact: Redaction | None = None,
         stream_output: bool = True,
     ) -> AsyncIterator[ExecutionEvent]:
         """Run ``code``, yielding events as they happen; the last one is a :class:`ResultEvent`.
@@ -351,6 +365,8 @@ class ExecutorClient(Closing):
                 correlation_id=correlation_id,
                 limits=limits,
                 files=files,
+                budget=budget,
+                redact=redact,
                 stream_output=stream_output,
             )
         )
@@ -370,6 +386,10 @@ class ExecutorClient(Closing):
         failover with replay where the program ran on an executor that died."""
         prepared = self._prepare(request)
         cid = prepared.correlation_id
+        try:
+            redactor = Redactor(request.redact) if request.redact is not None else None
+        except TypeError as exc:
+            raise InvalidRequestError(str(exc), correlation_id=cid) from None
         recorder = Recorder(self.journals, cid, prepared.binding) if prepared.binding else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + prepared.start.timeout_seconds
@@ -379,20 +399,27 @@ class ExecutorClient(Closing):
             while True:
                 shown.new_attempt()
                 try:
-                    async for event in self._stream_once(prepared, recorder):
+                    async for event in self._stream_once(prepared, recorder, redactor):
                         if isinstance(event, OutputEvent):
                             unseen = shown.unseen(event)
+                            if unseen is not None and redactor is not None:
+                                unseen = redactor.chunk(unseen)
                             if unseen is None:
                                 continue
                             event = unseen
-                        elif isinstance(event, ResultEvent) and recorder is not None:
-                            event = ResultEvent(
-                                dataclasses.replace(
-                                    event.result,
+                        elif isinstance(event, ResultEvent):
+                            result = event.result
+                            if recorder is not None:
+                                result = dataclasses.replace(
+                                    result,
                                     attempts=failovers + 1,
                                     replayed_tool_calls=recorder.replayed,
                                 )
-                            )
+                            if redactor is not None:
+                                for held in redactor.flush():
+                                    yield held
+                                result = redactor.result(result)
+                            event = ResultEvent(result)
                         yield event
                     return
                 except ExecutorClientError as exc:
@@ -497,10 +524,15 @@ class ExecutorClient(Closing):
             stream_output=request.stream_output,
             files=[pb.FileInfo(name=name, size=len(data)) for name, data in files],
         )
-        return Prepared(start, context.with_correlation_id(cid), tools, cid, files, binding)
+        return Prepared(
+            start, context.with_correlation_id(cid), tools, cid, files, binding, request.budget
+        )
 
     async def _stream_once(
-        self, prepared: Prepared, recorder: Recorder | None = None
+        self,
+        prepared: Prepared,
+        recorder: Recorder | None = None,
+        redactor: Redactor | None = None,
     ) -> AsyncIterator[ExecutionEvent]:
         """One attempt: open the stream, send the start frame, relay until the result."""
         channel = self._channel()
@@ -510,7 +542,9 @@ class ExecutorClient(Closing):
             timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
         )
         try:
-            async for event in exchange(call, prepared, self.config.tool_timeout, recorder):
+            async for event in exchange(
+                call, prepared, self.config.tool_timeout, recorder, redactor
+            ):
                 yield event
         finally:
             call.cancel()

@@ -41,6 +41,8 @@ class ExecutionResult:
     attempts: int = 1
     #: Tool calls answered from the journal on a re-run, without calling the tool again.
     replayed_tool_calls: int = 0
+    #: The tool budget that ran out ("max_calls", "max_result_bytes" …), or None.
+    budget_exceeded: str | None = None
 
     @cached_property
     def value(self) -> Any:

@@ -185,7 +185,9 @@ def _error_frame(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ModuleNotFoundError):
         with contextlib.suppress(Exception):
             _explain_missing_module(exc)
-    error_type = ErrorType.TOOL_ERROR if isinstance(exc, ToolError) else type(exc).__name__
+    error_type = (
+        ErrorType.TOOL_ERROR if type(exc) is ToolError else type(exc).__name__
+    )  # a subclass (ToolBudgetExceeded) keeps its own name
     error_type = limit_error_type(exc) or error_type
     return {
         "t": "done",

@@ -43,6 +43,14 @@ class ToolError(Exception):
         self.error_type = error_type
 
 
+class ToolBudgetExceeded(ToolError):
+    """A call past the execution's tool budget: the application did not make it."""
+
+
+#: Errors of the application's making a program can catch by class (``codemode.X``).
+_CODEMODE_ERRORS: dict[str, type[ToolError]] = {"ToolBudgetExceeded": ToolBudgetExceeded}
+
+
 class _Waiter:
     """One outstanding call, answered from the reader thread."""
 
@@ -277,9 +285,10 @@ def _outcome(tool: str, header: Mapping[str, Any], payload: bytes) -> Any:
     error_type = str(header.get("type") or "")
     message = str(header.get("message") or "")
     builtin = _REMOTE_BUILTIN_ERRORS.get(error_type)
+    own = _CODEMODE_ERRORS.get(error_type, ToolError)
     try:
         error: Exception = (
-            builtin(message) if builtin is not None else ToolError(tool, error_type, message)
+            builtin(message) if builtin is not None else own(tool, error_type, message)
         )
     except TypeError:  # a builtin whose constructor wants more than a message
         error = ToolError(tool, error_type, message)
@@ -383,9 +392,13 @@ class Tools:
 class Steps:
     """The program's ``codemode``: ``codemode.step(name, fn)`` records a value that changes
     between runs (``random``, ``time``), so that a re-run of the execution (after a failover,
-    or an approval) gets the first run's value and calls the same tools again."""
+    or an approval) gets the first run's value and calls the same tools again. It also holds
+    the error classes a tool call may raise: ``codemode.ToolError``,
+    ``codemode.ToolBudgetExceeded``."""
 
     __slots__ = ("_relay",)
+    ToolError = ToolError
+    ToolBudgetExceeded = ToolBudgetExceeded
 
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
