@@ -35,7 +35,9 @@ if TYPE_CHECKING:
         SessionExpiredError,
         SessionLostError,
     )
+    from codemode.core.approvals import ExecutionNotPausedError, PausedExecution
     from codemode.core.budget import ToolBudget
+    from codemode.core.errors import ExecutionPausedError
     from codemode.core.journal import (
         JournalCorruptedError,
         JournalMismatchError,
@@ -52,6 +54,8 @@ _EXPORTS = {
     "ComponentNotFoundError": "codemode.core",
     "ComponentRegistry": "codemode.core",
     "ExecutionError": "codemode.core",
+    "ExecutionNotPausedError": "codemode.core.approvals",
+    "ExecutionPausedError": "codemode.core.errors",
     "ExecutionResult": "codemode.core",
     "ExecutorAuthenticationError": "codemode.core",
     "ExecutorClient": "codemode.core",
@@ -64,6 +68,7 @@ _EXPORTS = {
     "JournalCorruptedError": "codemode.core.journal",
     "JournalMismatchError": "codemode.core.journal",
     "OutputEvent": "codemode.core.results",
+    "PausedExecution": "codemode.core.approvals",
     "ReplayDivergedError": "codemode.core.journal",
     "ResultEvent": "codemode.core.results",
     "RuntimeContext": "codemode.core",
@@ -84,6 +89,8 @@ __all__ = [
     "ComponentNotFoundError",
     "ComponentRegistry",
     "ExecutionError",
+    "ExecutionNotPausedError",
+    "ExecutionPausedError",
     "ExecutionResult",
     "ExecutorAuthenticationError",
     "ExecutorClient",
@@ -96,6 +103,7 @@ __all__ = [
     "JournalCorruptedError",
     "JournalMismatchError",
     "OutputEvent",
+    "PausedExecution",
     "ReplayDivergedError",
     "ResultEvent",
     "RuntimeContext",

@@ -56,6 +56,17 @@ class ClientConfig(YamlSettings):
         "another one, its tool calls answered from the journal (none runs twice); 'never' "
         "raises ExecutorConnectionError(may_have_run=True) instead.",
     )
+    max_pauses: int = Field(
+        default=20,
+        ge=0,
+        description="Approvals one execution may wait for; past them a call needing one is "
+        "refused (PermissionError in the program).",
+    )
+    paused_ttl: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Seconds a paused execution can be resumed; later resume() refuses it.",
+    )
     journal_path: Path | None = Field(
         default=None,
         description="SQLite file of tool-call journals and paused executions, kept across "

@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from codemode.config._defaults import CANCEL_NOTICE_S, FILE_CHUNK_BYTES
+from codemode.core.approvals import ApprovalGate, PauseSignal, PendingCall
 from codemode.core.budget import BUDGET_ERROR, BudgetMeter, Redactor, ToolBudget
 from codemode.core.context import RuntimeContext, current_correlation_id
 from codemode.core.errors import (
@@ -64,6 +65,7 @@ class Prepared:
     #: What its journal is bound to (:func:`~codemode.core.journal.binding_of`); "" for none.
     binding: str = ""
     budget: ToolBudget | None = None
+    approvals: ApprovalGate | None = None
 
     def with_timeout(self, seconds: float) -> Prepared:
         """This request with ``seconds`` left to run (a re-run within the first deadline)."""
@@ -95,6 +97,9 @@ async def exchange(
     relay = _ToolRelay(
         call, prepared.tools, prepared.context, cid, tool_timeout, recorder, meter, redactor
     )
+    if prepared.approvals is not None:
+        relay.pausing = asyncio.get_running_loop().create_future()
+        relay.gate = prepared.approvals
     sent = False
     try:
         try:
@@ -120,7 +125,10 @@ async def exchange(
                 pass  # the executor ended the call: the read below says why
         received = _Files()
         while True:
-            frame = await read_shielded(call)
+            if relay.pausing is None:
+                frame = await read_shielded(call)
+            else:  # a call that needs approval may pause the execution instead
+                frame = await relay.read_or_pause(call)
             if frame is grpc.aio.EOF:
                 await relay.settle()
                 raise ExecutorConnectionError(
@@ -185,6 +193,9 @@ class _ToolRelay:
         self._recorder = recorder
         self._meter = meter
         self._redactor = redactor
+        self.gate: ApprovalGate | None = None
+        #: Set to the call that paused the execution (when approvals apply).
+        self.pausing: asyncio.Future[PendingCall] | None = None
         self._tools = tools
         self._context = context
         self._cid = cid
@@ -234,6 +245,19 @@ class _ToolRelay:
             event = task.result()
             if event is not None:
                 self._done.append(event)
+
+    async def read_or_pause(self, call: Any) -> Any:
+        """The next frame; or, once a call paused the execution, ``Cancel`` sent (the sandbox
+        is released), the other calls in flight settled, and :class:`PauseSignal` raised."""
+        assert self.pausing is not None
+        read = in_background(call.read())
+        if not self.pausing.done():
+            await asyncio.wait({read, self.pausing}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        await self.send_cancel(CANCEL_NOTICE_S)
+        await self.settle()
+        raise PauseSignal(self.pausing.result())
 
     async def settle(self) -> None:
         """Let the answers in flight finish (within the tool timeout), so they are recorded."""
@@ -291,12 +315,19 @@ class _ToolRelay:
         args: list[Any],
         kwargs: dict[str, Any],
         journal: tuple[int, str] | None,
-    ) -> ToolResultEvent:
+    ) -> ToolResultEvent | None:
         started = time.perf_counter()
         meter = self._meter
         refused = meter.admit(name) if meter is not None and name != STEP_TOOL else None
+        denied = None
+        if refused is None and journal is not None and self.gate is not None:
+            denied = await self._approve(journal[0], name, args, kwargs)
+            if denied is _PAUSE:
+                return None  # no answer: the execution pauses here
         if refused is not None:
             reply = _tool_error(BUDGET_ERROR, refused)
+        elif denied is not None:
+            reply = _tool_error("PermissionError", denied)
         else:
             reply = await self._run(name, args, kwargs)
             if meter is not None and name != STEP_TOOL:
@@ -332,6 +363,27 @@ class _ToolRelay:
             reply.ok,
             (time.perf_counter() - started) * 1000,
             reply.error_type or None,
+        )
+
+    async def _approve(
+        self, seq: int, name: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> str | None:
+        """None: make the call; a reason: refuse it; :data:`_PAUSE`: pause the execution."""
+        gate = self.gate
+        if gate is None or name == STEP_TOOL or not gate.applies(name):
+            return None
+        pending = PendingCall(seq, name, args, kwargs)
+        decision = await gate.decide(pending, self._context)
+        if decision == "pause":
+            if self.pausing is not None and not self.pausing.done():
+                self.pausing.set_result(pending)
+            return _PAUSE
+        if decision is True:
+            return None
+        return (
+            decision
+            if isinstance(decision, str)
+            else f"the application refused {pending.describe()}"
         )
 
     async def _write(self, reply: pb.ToolResult) -> None:
@@ -389,6 +441,9 @@ class _ToolRelay:
             )
         return pb.ToolResult(ok=True, value_json=encoded)
 
+
+#: What :meth:`_ToolRelay._approve` returns for a call that pauses the execution.
+_PAUSE = "\0pause"
 
 LIMIT_FIELDS = {f.name: f for f in pb.Limits.DESCRIPTOR.fields}
 

@@ -34,6 +34,8 @@ class Request:
     stream_output: bool = False
     budget: ToolBudget | None = None
     redact: Redaction | None = None
+    #: The application's approval decisions by call position (a resumed execution).
+    decisions: Mapping[int, bool] | None = None
 
     def in_caller_context(self) -> Request:
         """This request with the calling task's context filled in, before it runs elsewhere.

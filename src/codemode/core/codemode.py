@@ -234,6 +234,14 @@ class Codemode(Closing):
             )
         )
 
+    async def resume(
+        self, execution_id: str, *, approve: bool, redact: Redaction | None = None
+    ) -> ExecutionResult:
+        """Run a paused execution again once its pending call is decided: approved, the call
+        is made; refused, it raises ``PermissionError`` in the program. Its earlier calls are
+        answered from the journal. See :meth:`ExecutorClient.resume`."""
+        return await self.client.resume(execution_id, approve=approve, redact=redact)
+
     def session(
         self, *, ttl: float | None = None, limits: Mapping[str, float] | None = None
     ) -> Session:

@@ -109,6 +109,11 @@ class ExecutionError(ExecutorClientError):
         self.traceback = result.traceback
 
 
+class ExecutionPausedError(ExecutionError):
+    """The program paused at a call that needs approval: ``result.paused`` has the call and the
+    execution id to resume (``codemode.resume(execution_id, approve=...)``)."""
+
+
 class SessionClosedError(ExecutorClientError):
     """The session was closed by the application; open a new one."""
 

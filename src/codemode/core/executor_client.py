@@ -11,10 +11,12 @@ Errors are drawn in :mod:`codemode.core.errors` and re-exported here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +37,15 @@ from codemode.core._exchange import (
 )
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
+from codemode.core.approvals import (
+    PAUSED,
+    ApprovalGate,
+    ExecutionNotPausedError,
+    PausedExecution,
+    PauseSignal,
+    PendingCall,
+    tool_needs_approval,
+)
 from codemode.core.budget import Redaction, Redactor, ToolBudget
 from codemode.core.channel import open_channel
 from codemode.core.context import RuntimeContext, current_context
@@ -52,6 +63,7 @@ from codemode.core.journal import (
     STEP_TOOL,
     JournalStore,
     MemoryJournalStore,
+    PausedRecord,
     Recorder,
     SqliteJournalStore,
     binding_of,
@@ -395,6 +407,7 @@ class ExecutorClient(Closing):
         deadline = loop.time() + prepared.start.timeout_seconds
         attempt, waited, failovers = 0, 0.0, 0
         shown = _Shown()
+        keep_journal = False
         try:
             while True:
                 shown.new_attempt()
@@ -421,6 +434,11 @@ class ExecutorClient(Closing):
                                 result = redactor.result(result)
                             event = ResultEvent(result)
                         yield event
+                    return
+                except PauseSignal as signal:
+                    assert recorder is not None  # approvals always keep a journal
+                    keep_journal = True
+                    yield ResultEvent(self._pause(request, prepared, recorder, signal.call))
                     return
                 except ExecutorClientError as exc:
                     left = deadline - loop.time()
@@ -456,8 +474,84 @@ class ExecutorClient(Closing):
                     await asyncio.sleep(delay)
                     attempt, waited = attempt + 1, waited + delay
         finally:
-            if recorder is not None:
+            if recorder is not None and not keep_journal:
                 recorder.discard()
+
+    def _pause(
+        self, request: Request, prepared: Prepared, recorder: Recorder, call: PendingCall
+    ) -> ExecutionResult:
+        """Keep what resuming needs, and the result that says the execution paused."""
+        cid = prepared.correlation_id
+        decisions = {str(k): v for k, v in (request.decisions or {}).items()}
+        stored = {
+            "code": prepared.start.code,
+            "available_tools": (
+                None if request.available_tools is None else list(request.available_tools)
+            ),
+            "config": json.loads(prepared.start.config_json or b"{}"),
+            "timeout": prepared.start.timeout_seconds,
+            "context": dict(prepared.context.variables),
+            "limits": dict(request.limits or {}),
+            "files": {name: base64.b64encode(data).decode() for name, data in prepared.files},
+            "decisions": decisions,
+        }
+        pending = {"seq": call.seq, "tool": call.tool, "args": call.args, "kwargs": call.kwargs}
+        self.journals.pause(PausedRecord(cid, prepared.binding, stored, pending))
+        journal = tuple(self.journals.open(cid, prepared.binding))
+        logger.info(
+            "execution paused: %s awaits approval", call.tool, extra={"correlation_id": cid}
+        )
+        return ExecutionResult(
+            success=False,
+            error_type=PAUSED,
+            error=f"{call.describe()} awaits the application's approval; resume with "
+            f"codemode.resume({cid!r}, approve=True|False)",
+            correlation_id=cid,
+            paused=PausedExecution(cid, call, journal),
+        )
+
+    async def resume(
+        self, execution_id: str, *, approve: bool, redact: Redaction | None = None
+    ) -> ExecutionResult:
+        """Run a paused execution again, its earlier calls replayed from the journal: the
+        paused call is made (``approve=True``) or raises ``PermissionError`` in the program.
+
+        It may pause again at a later call. Raises :class:`ExecutionNotPausedError` for an
+        unknown, expired or already resumed id (of two concurrent resumes, one proceeds), and
+        :class:`~codemode.core.journal.JournalMismatchError` when the tools it declared are
+        no longer those of the registry.
+        """
+        if not isinstance(approve, bool):
+            raise TypeError("approve must be True or False")
+        record = self.journals.claim(execution_id)
+        if record is None:
+            raise ExecutionNotPausedError(
+                f"no paused execution {execution_id!r}: unknown, already resumed, or expired",
+                correlation_id=execution_id,
+            )
+        if time.time() - record.paused_at > self.config.paused_ttl:
+            self.journals.discard(execution_id)
+            raise ExecutionNotPausedError(
+                f"paused execution {execution_id!r} expired (paused_ttl "
+                f"{self.config.paused_ttl:g}s); run the program again",
+                correlation_id=execution_id,
+            )
+        stored = record.request
+        decisions = {int(k): bool(v) for k, v in stored.get("decisions", {}).items()}
+        decisions[int(record.pending["seq"])] = approve
+        request = Request(
+            stored["code"],
+            stored["available_tools"],
+            stored["config"],
+            stored["timeout"],
+            RuntimeContext(variables=stored["context"]),
+            correlation_id=execution_id,
+            limits=stored["limits"] or None,
+            files={n: base64.b64decode(d) for n, d in stored["files"].items()} or None,
+            redact=redact,
+            decisions=decisions,
+        )
+        return await self._execute(request)
 
     def _prepare(self, request: Request) -> Prepared:
         """Check ``request`` and encode it; raises :class:`InvalidRequestError`."""
@@ -502,8 +596,15 @@ class ExecutorClient(Closing):
             from codemode.tools.discovery import DISCOVERY_TOOLS
 
             specs += [pb.ToolSpec(name=n) for n in DISCOVERY_TOOLS if n not in names]
+        needs = frozenset(n for n, t in tools.items() if tool_needs_approval(t))
+        policy = self.registry.approval_policy
+        gate = None
+        if needs or policy is not None:
+            gate = ApprovalGate(
+                policy, needs, dict(request.decisions or {}), self.config.max_pauses
+            )
         binding = ""
-        if self.journaling:
+        if self.journaling or gate is not None:
             # codemode.step() in the program: its values are journaled like tool answers.
             specs.append(pb.ToolSpec(name=STEP_TOOL))
             binding = binding_of(code, names)
@@ -525,7 +626,14 @@ class ExecutorClient(Closing):
             files=[pb.FileInfo(name=name, size=len(data)) for name, data in files],
         )
         return Prepared(
-            start, context.with_correlation_id(cid), tools, cid, files, binding, request.budget
+            start,
+            context.with_correlation_id(cid),
+            tools,
+            cid,
+            files,
+            binding,
+            request.budget,
+            gate,
         )
 
     async def _stream_once(

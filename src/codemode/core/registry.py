@@ -6,9 +6,12 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codemode.core.context import ContextScope, RuntimeContext, current_context
+
+if TYPE_CHECKING:
+    from codemode.core.approvals import ApprovalPolicy
 
 __all__ = [
     "ComponentAlreadyExistsError",
@@ -56,6 +59,9 @@ class ComponentRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Any] = {}
         self._lock = threading.Lock()
+        #: Decides every tool call when set: ``(call, context) -> True | False | "pause"``
+        #: (or an awaitable of it); see :mod:`codemode.core.approvals`.
+        self.approval_policy: ApprovalPolicy | None = None
 
     def register_tool(self, name: str, tool: Any, *, overwrite: bool = False) -> None:
         """Make ``tool`` callable from programs as ``tools.<name>``.

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from codemode.core.errors import ExecutionError, ExecutorTimeoutError
+from codemode.core.errors import ExecutionError, ExecutionPausedError, ExecutorTimeoutError
+
+if TYPE_CHECKING:
+    from codemode.core.approvals import PausedExecution
 from codemode.wire.names import ErrorType
 
 
@@ -43,6 +46,8 @@ class ExecutionResult:
     replayed_tool_calls: int = 0
     #: The tool budget that ran out ("max_calls", "max_result_bytes" …), or None.
     budget_exceeded: str | None = None
+    #: Set when a call awaits approval (``error_type`` "Paused"); resume it by its id.
+    paused: PausedExecution | None = None
 
     @cached_property
     def value(self) -> Any:
@@ -93,6 +98,8 @@ def unwrap(result: ExecutionResult) -> str | None:
     """The JSON result of a successful execution; raise the matching error otherwise."""
     if result.success:
         return result.result
+    if result.paused is not None:
+        raise ExecutionPausedError(result)
     if result.error_type == ErrorType.TIMEOUT:
         raise ExecutorTimeoutError(
             str(result.error), result=result, correlation_id=result.correlation_id

@@ -31,7 +31,14 @@ def format_result(
 ) -> str:
     """The text a model sees after its program ran (see the module docstring)."""
     lines: list[str] = []
-    if result.success:
+    if result.paused is not None:
+        call = result.paused.call
+        lines.append(
+            f"paused: {call.describe()} needs the application's approval. The program stopped "
+            "there; the application will run it again once the call is decided. Do not retry "
+            "it yourself."
+        )
+    elif result.success:
         lines.append(f"result: {result.result if result.result is not None else 'None (not set)'}")
     else:
         lines.append(f"error: {result.error_type or 'Error'}: {result.error or ''}".rstrip())

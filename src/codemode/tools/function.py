@@ -27,10 +27,17 @@ class BaseFunctionTool(Generic[P, R]):
     """What sync and async function tools share: the function, its name and its spec."""
 
     def __init__(
-        self, func: Callable[P, R], spec: ToolSpec, name: str, description: str | None
+        self,
+        func: Callable[P, R],
+        spec: ToolSpec,
+        name: str,
+        description: str | None,
+        requires_approval: bool = False,
     ) -> None:
         self.func = func
         self.name = name
+        #: Calls wait for the application's approval (see :mod:`codemode.core.approvals`).
+        self.requires_approval = requires_approval
         self.spec = spec if description is None else _with_description(spec, description)
         functools.update_wrapper(self, func)
 
@@ -95,14 +102,20 @@ def tool(  # type: ignore[overload-overlap]
     *,
     name: str | None = None,
     description: str | None = None,
+    requires_approval: bool = False,
 ) -> AsyncFunctionTool[P, R]: ...
 @overload
 def tool(
-    func: Callable[P, R], /, *, name: str | None = None, description: str | None = None
+    func: Callable[P, R],
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    requires_approval: bool = False,
 ) -> FunctionTool[P, R]: ...
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None
+    *, name: str | None = None, description: str | None = None, requires_approval: bool = False
 ) -> Callable[[Callable[P, R]], BaseFunctionTool[P, R]]: ...
 
 
@@ -112,6 +125,7 @@ def tool(
     *,
     name: str | None = None,
     description: str | None = None,
+    requires_approval: bool = False,
 ) -> Any:
     """Make ``func`` a tool: ``@tool`` or ``@tool(name=..., description=...)``.
 
@@ -122,7 +136,8 @@ def tool(
     program. Raises ``TypeError`` at decoration when the signature cannot be described.
 
     Register the result with ``registry.register_tool(tool.name, tool)``; it stays callable
-    as the plain function.
+    as the plain function. With ``requires_approval``, a program's call of it waits for the
+    application's decision (:mod:`codemode.core.approvals`).
     """
 
     def wrap(f: Callable[..., Any]) -> BaseFunctionTool[Any, Any]:
@@ -133,7 +148,7 @@ def tool(
             raise ValueError(f"tool name {tool_name!r} must be a Python identifier; pass name=")
         spec = spec_from_callable(f, name=tool_name)
         if inspect.iscoroutinefunction(f):
-            return AsyncFunctionTool(f, spec, tool_name, description)
-        return FunctionTool(f, spec, tool_name, description)
+            return AsyncFunctionTool(f, spec, tool_name, description, requires_approval)
+        return FunctionTool(f, spec, tool_name, description, requires_approval)
 
     return wrap if func is None else wrap(func)
