@@ -4,6 +4,7 @@ the service serving and nothing running."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -130,20 +131,63 @@ async def test_bad_key_is_refused_and_nothing_runs(
     assert server.records_for(f"auth-{key}") == []
 
 
-async def test_executor_down_raises_connection_error_within_connect_timeout() -> None:
-    """Nothing listening at executor_url raises ExecutorConnectionError within connect_timeout."""
-    config = ClientConfig(
-        executor_url=closed_port_url(),
-        executor_api_key="some-key-123",
-        connect_timeout=1,
-        max_retries=0,
-    )
+async def test_a_refused_connection_surfaces_at_once_without_retries() -> None:
+    """Nothing listening at executor_url: with the default connect timeout (5 s) and retries
+    (3), the refusal surfaces in about a second (it took 20 s), typed and not retried."""
+    config = ClientConfig(executor_url=closed_port_url(), executor_api_key="some-key-123")
     started = time.perf_counter()
     async with Codemode.from_client_config(config) as codemode:
         with pytest.raises(ExecutorConnectionError) as info:
             await codemode.execute_async("result = 1")
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 2.5
     assert info.value.may_have_run is False
+    assert info.value.refused is True
+    assert "nothing listens there" in str(info.value)
+
+
+async def test_an_executor_slow_to_answer_gets_the_connect_timeout(
+    server: ServerProcess, make_config: ConfigFactory
+) -> None:
+    """An address that accepts the connection but answers late (here a relay that holds
+    every connection for 1.5 s before passing it to the executor) still connects."""
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(1.5)
+        up_reader, up_writer = await asyncio.open_connection(server.host, server.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    slow = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = slow.sockets[0].getsockname()[1]
+    try:
+        config = make_config(executor_url=f"http://127.0.0.1:{port}", max_retries=0)
+        async with Codemode.from_client_config(config) as codemode:
+            assert await codemode.execute_async("result = 6 * 7") == "42"
+    finally:
+        slow.close()
+
+
+async def test_the_connect_timeout_bounds_the_whole_call() -> None:
+    """An address that accepts and never answers: one connect_timeout in all, not one per
+    retry (there are three)."""
+    silent = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    config = ClientConfig(executor_url=f"http://127.0.0.1:{port}", connect_timeout=1.0)
+    started = time.perf_counter()
+    try:
+        async with Codemode.from_client_config(config) as codemode:
+            with pytest.raises(ExecutorConnectionError, match="within 1s"):
+                await codemode.execute_async("result = 1")
+    finally:
+        silent.close()
+    assert time.perf_counter() - started < 2.5
 
 
 async def test_code_over_max_code_length_is_refused_before_sending(

@@ -12,6 +12,8 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 EXECUTION_TIMEOUT_S = 30.0
 #: Client: how long to wait for a connection before giving up, seconds.
 CONNECT_TIMEOUT_S = 5.0
+#: An address that keeps refusing connections this long is reported at once, not retried.
+REFUSED_GRACE_S = 0.8
 #: Client: the gRPC deadline sits this far above the execution timeout, seconds.
 DEADLINE_MARGIN_S = 5.0
 #: Client: a cancelled execution waits at most this long to tell the executor, seconds.

@@ -61,12 +61,17 @@ class ExecutorConnectionError(ExecutorClientError):
     """The executor could not be reached, or the connection broke during the execution.
 
     ``may_have_run`` is False when nothing was sent (safe to retry, and retried), True when
-    the program may have started (never retried: tools could run twice).
+    the program may have started (never retried: tools could run twice). ``refused`` is True
+    when the address refused the connection for a while (nothing listens there): not retried,
+    it surfaces within about a second.
     """
 
-    def __init__(self, message: str, *, may_have_run: bool, **kw: str | None) -> None:
+    def __init__(
+        self, message: str, *, may_have_run: bool, refused: bool = False, **kw: str | None
+    ) -> None:
         super().__init__(message, **kw)
         self.may_have_run = may_have_run
+        self.refused = refused
 
 
 class ExecutorTimeoutError(ExecutorClientError):

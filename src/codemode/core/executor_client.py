@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ import grpc
 import grpc.aio
 
 from codemode.config import ClientConfig
-from codemode.config._defaults import DEADLINE_MARGIN_S
+from codemode.config._defaults import DEADLINE_MARGIN_S, REFUSED_GRACE_S
 from codemode.core._exchange import (
     LIMIT_FIELDS,
     Prepared,
@@ -406,13 +407,17 @@ class ExecutorClient(Closing):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + prepared.start.timeout_seconds
         attempt, waited, failovers = 0, 0.0, 0
+        # The connect timeout bounds the whole call (its retries too), not each attempt.
+        connect_by = loop.time() + self.config.connect_timeout
         shown = _Shown()
         keep_journal = False
         try:
             while True:
                 shown.new_attempt()
                 try:
-                    async for event in self._stream_once(prepared, recorder, redactor):
+                    async for event in self._stream_once(
+                        prepared, recorder, redactor, connect_by
+                    ):
                         if isinstance(event, OutputEvent):
                             unseen = shown.unseen(event)
                             if unseen is not None and redactor is not None:
@@ -460,6 +465,7 @@ class ExecutorClient(Closing):
                         )
                         recorder.rewind()
                         prepared = prepared.with_timeout(left)
+                        connect_by = loop.time() + self.config.connect_timeout
                         continue
                     delay = self.retry_policy.next_delay(exc, attempt, waited)
                     if delay is None:
@@ -641,10 +647,11 @@ class ExecutorClient(Closing):
         prepared: Prepared,
         recorder: Recorder | None = None,
         redactor: Redactor | None = None,
+        connect_by: float | None = None,
     ) -> AsyncIterator[ExecutionEvent]:
         """One attempt: open the stream, send the start frame, relay until the result."""
         channel = self._channel()
-        await self._wait_connected(channel, prepared.correlation_id)
+        await self._wait_connected(channel, prepared.correlation_id, connect_by)
         call = pb_grpc.ExecutorStub(channel).Execute(
             metadata=(*self._auth, (CORRELATION_ID, prepared.correlation_id)),
             timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
@@ -657,19 +664,48 @@ class ExecutorClient(Closing):
         finally:
             call.cancel()
 
-    async def _wait_connected(self, channel: grpc.aio.Channel, cid: str) -> None:
-        if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+    async def _wait_connected(
+        self, channel: grpc.aio.Channel, cid: str, connect_by: float | None = None
+    ) -> None:
+        """Wait until the channel is ready, until ``connect_by`` (loop time; default
+        ``connect_timeout`` from now). An address that keeps refusing connections for
+        ``REFUSED_GRACE_S`` fails at once (``refused``); one that accepts but is slow to
+        answer gets the whole time."""
+        ready = grpc.ChannelConnectivity.READY
+        state = channel.get_state(try_to_connect=True)
+        if state is ready:
             return
-        try:
-            await asyncio.wait_for(channel.channel_ready(), self.config.connect_timeout)
-        except TimeoutError:
-            raise ExecutorConnectionError(
-                f"cannot connect to the executor at {self.config.executor_url} within "
-                f"{self.config.connect_timeout:g}s; check that `codemode serve` runs there",
-                may_have_run=False,
-                correlation_id=cid,
-                status="UNAVAILABLE",
-            ) from None
+        loop = asyncio.get_running_loop()
+        if connect_by is None:
+            connect_by = loop.time() + self.config.connect_timeout
+        failing_since: float | None = None
+        while state is not ready:
+            now = loop.time()
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and failing_since is None:
+                failing_since = now
+            if failing_since is not None and now - failing_since >= REFUSED_GRACE_S:
+                raise ExecutorConnectionError(
+                    f"the executor at {self.config.executor_url} refuses connections: nothing "
+                    "listens there; check that `codemode serve` runs at executor_url",
+                    may_have_run=False,
+                    refused=True,
+                    correlation_id=cid,
+                    status="UNAVAILABLE",
+                )
+            left = connect_by - now
+            if left <= 0:
+                raise ExecutorConnectionError(
+                    f"cannot connect to the executor at {self.config.executor_url} within "
+                    f"{self.config.connect_timeout:g}s; check that `codemode serve` runs there",
+                    may_have_run=False,
+                    correlation_id=cid,
+                    status="UNAVAILABLE",
+                )
+            if failing_since is not None:
+                left = min(left, failing_since + REFUSED_GRACE_S - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            state = channel.get_state(try_to_connect=True)
 
 
 class _Shown:

@@ -12,13 +12,16 @@ from codemode.core.errors import ExecutorConnectionError, ExecutorOverloadedErro
 def is_retryable(exc: BaseException) -> bool:
     """True only for failures where the program cannot have started.
 
-    That is: no connection could be made before anything was sent, or the executor refused
-    the request at admission. A program that may have run is never retried, since a second
+    That is: no connection could be made before anything was sent (but not an address that
+    keeps refusing connections: nothing listens there), or the executor refused the request
+    at admission. A program that may have run is never retried, since a second
     run would call its tools twice.
     """
     if isinstance(exc, ExecutorOverloadedError):
         return True
-    return isinstance(exc, ExecutorConnectionError) and not exc.may_have_run
+    return (
+        isinstance(exc, ExecutorConnectionError) and not exc.may_have_run and not exc.refused
+    )
 
 
 @dataclass(frozen=True, slots=True)
