@@ -38,6 +38,7 @@ def _run(script: str, results: Path, *args: str) -> dict:
         "sidebyside.py": "sidebyside",
         "pagefaults.py": "pagefaults",
         "programs.py": "programs",
+        "failover.py": "failover",
     }[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
@@ -86,6 +87,17 @@ def test_programs_smoke(tmp_path: Path, sandbox_venv: Path) -> None:
     rows = [row["workload"] for row in workloads["table"]]
     assert len(rows) == 10
     assert any(row.startswith("7. session") for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_failover_smoke(tmp_path: Path) -> None:
+    """``bench/failover.py --smoke``: three runs (no fault, SIGKILL, SIGTERM), nothing lost."""
+    doc = _run("failover.py", tmp_path)
+    assert [r["fault"] for r in doc["runs"]] == ["none", "SIGKILL", "SIGTERM"]
+    for run in doc["runs"]:
+        assert run["failed"] == 0
+        assert run["not_exactly_once"] == 0
+        assert run["call_ids"] == run["executions"] * 3
 
 
 @pytest.mark.timeout(60)

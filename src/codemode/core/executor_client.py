@@ -458,7 +458,7 @@ class ExecutorClient(Closing):
                         logger.warning(
                             "executor lost mid-execution (%s); running it again on another "
                             "with replay (failover %d, %.1fs left)",
-                            exc,
+                            exc.status or type(exc).__name__,
                             failovers,
                             left,
                             extra={"correlation_id": cid},
