@@ -299,3 +299,29 @@ async def test_an_unreachable_executor_is_an_error_for_the_model() -> None:
         answer = await session.call_tool("run_python", {"code": "result = 1"})
     assert answer.isError
     assert text_of(answer).startswith("error: ExecutorConnectionError:"), text_of(answer)
+
+
+async def test_tools_from_an_mcp_servers_file(server: ServerProcess, tmp_path: Path) -> None:
+    """``--tools servers.json``: another MCP server's tools (the time server from PyPI), as
+    tools the program calls, named ``{server}_{tool}``."""
+    servers = {
+        "mcpServers": {
+            "clock": {
+                "command": sys.executable,
+                "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"],
+            }
+        }
+    }
+    path = tmp_path / "servers.json"
+    path.write_text(json.dumps(servers))
+    code = (
+        "import json\n"
+        "now = tools.clock_get_current_time(timezone='UTC')\n"
+        "now = json.loads(now) if isinstance(now, str) else now  # text or structured\n"
+        "result = [now['timezone'], 'datetime' in now]\n"
+    )
+    async with stdio_session(server, "--tools", str(path)) as session:
+        listed = {t.name: t for t in (await session.list_tools()).tools}
+        answer = await session.call_tool("run_python", {"code": code})
+    assert "def clock_get_current_time(" in (listed["run_python"].description or "")
+    assert text_of(answer) == 'result: ["UTC",true]', text_of(answer)
