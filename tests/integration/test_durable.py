@@ -216,10 +216,18 @@ async def test_an_executor_dying_under_load_loses_nothing(servers: Servers, how:
     assert len(CALLS) == count * 3
     assert set(CALLS.values()) == {1}, {k: v for k, v in CALLS.items() if v != 1}
     assert all(o.value == [1, 1, 1] for o in outcomes)
+    moved = {o.correlation_id for o in outcomes if o.attempts > 1}
     if how == signal.SIGKILL:
-        moved = [o for o in outcomes if o.attempts > 1]
-        assert moved, "no execution was running on the killed executor"
-        assert sum(o.replayed_tool_calls for o in moved) >= 1
+        # The executions the victim had started and not finished ran again elsewhere; one of
+        # them may have sent its result just before the kill, ahead of its log line.
+        records = victim.log_records()
+        started = {r["correlation_id"] for r in records if r.get("msg") == "execution started"}
+        ended = {r["correlation_id"] for r in records if r.get("msg") == "execution finished"}
+        cut_short = started - ended
+        assert moved <= cut_short
+        assert len(moved) >= len(cut_short) - 1, (moved, cut_short)
+    else:
+        assert not moved  # a drain lets running executions finish
 
 
 async def test_failover_never_keeps_the_old_behaviour(servers: Servers) -> None:
