@@ -199,6 +199,8 @@ async def test_adapters_tell_the_agent_about_the_pause(
     make_config: Callable[..., ClientConfig],
 ) -> None:
     async with app(make_config()) as codemode:
-        text = await codemode.as_langchain_tool().ainvoke({"code": PROGRAM})
-    assert text.startswith("paused: tools.transfer(account='acme', cents=5000) needs the ")
-    assert "Do not retry" in text
+        langchain = await codemode.as_langchain_tool().ainvoke({"code": PROGRAM})
+        crewai = await codemode.as_crewai_tool()._arun(code=PROGRAM)
+    for text in (langchain, crewai):
+        assert text.startswith("paused: tools.transfer(account='acme', cents=5000) needs the ")
+        assert "Do not retry" in text
