@@ -218,14 +218,14 @@ async def test_an_executor_dying_under_load_loses_nothing(servers: Servers, how:
     assert all(o.value == [1, 1, 1] for o in outcomes)
     moved = {o.correlation_id for o in outcomes if o.attempts > 1}
     if how == signal.SIGKILL:
-        # The executions the victim had started and not finished ran again elsewhere; one of
-        # them may have sent its result just before the kill, ahead of its log line.
+        # Only executions the victim had started ran again elsewhere, and some did when it had
+        # several in flight. (Its log is no exact account of what reached the client: a kill
+        # can fall between a result's log line and its delivery, either way round.)
         records = victim.log_records()
         started = {r["correlation_id"] for r in records if r.get("msg") == "execution started"}
         ended = {r["correlation_id"] for r in records if r.get("msg") == "execution finished"}
-        cut_short = started - ended
-        assert moved <= cut_short
-        assert len(moved) >= len(cut_short) - 1, (moved, cut_short)
+        assert moved <= started
+        assert moved or len(started - ended) < 2, (moved, started - ended)
     else:
         assert not moved  # a drain lets running executions finish
 
