@@ -19,9 +19,7 @@ def is_retryable(exc: BaseException) -> bool:
     """
     if isinstance(exc, ExecutorOverloadedError):
         return True
-    return (
-        isinstance(exc, ExecutorConnectionError) and not exc.may_have_run and not exc.refused
-    )
+    return isinstance(exc, ExecutorConnectionError) and not exc.may_have_run and not exc.refused
 
 
 @dataclass(frozen=True, slots=True)
