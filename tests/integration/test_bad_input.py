@@ -151,9 +151,13 @@ async def test_an_executor_slow_to_answer_gets_the_connect_timeout(
     """An address that accepts the connection but answers late (here a relay that holds
     every connection for 1.5 s before passing it to the executor) still connects."""
 
+    writers: list[asyncio.StreamWriter] = []
+
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         await asyncio.sleep(1.5)
         up_reader, up_writer = await asyncio.open_connection(server.host, server.port)
+        writers.append(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(ConnectionError):
@@ -171,13 +175,21 @@ async def test_an_executor_slow_to_answer_gets_the_connect_timeout(
         async with Codemode.from_client_config(config) as codemode:
             assert await codemode.execute_async("result = 6 * 7") == "42"
     finally:
+        for writer in writers:
+            writer.close()
         slow.close()
+        await slow.wait_closed()
 
 
 async def test_the_connect_timeout_bounds_the_whole_call() -> None:
     """An address that accepts and never answers: one connect_timeout in all, not one per
     retry (there are three)."""
-    silent = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     config = ClientConfig(executor_url=f"http://127.0.0.1:{port}", connect_timeout=1.0)
     started = time.perf_counter()
@@ -186,7 +198,10 @@ async def test_the_connect_timeout_bounds_the_whole_call() -> None:
             with pytest.raises(ExecutorConnectionError, match="within 1s"):
                 await codemode.execute_async("result = 1")
     finally:
+        for writer in held:
+            writer.close()
         silent.close()
+        await silent.wait_closed()
     assert time.perf_counter() - started < 2.5
 
 
