@@ -1,4 +1,4 @@
-"""The ``codemode`` command: ``serve``, ``exec``, ``mcp`` and ``doctor``."""
+"""The ``codemode`` command: ``serve``, ``exec``, ``mcp``, ``doctor`` and ``hash-key``."""
 
 from __future__ import annotations
 
@@ -22,21 +22,27 @@ def _serve(args: argparse.Namespace) -> int:
     from codemode.executor.service.server import RunningServer, serve_forever
     from codemode.logs import configure_logging
 
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "insecure_no_auth": True if args.insecure_no_auth else None,
+        "isolation": args.isolation,
+        "max_concurrent_executions": args.max_concurrent,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "sandbox_venv": args.sandbox_venv,
+        "preload_modules": args.preload,
+        "preload_warmup": args.preload_warmup,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+    }
+
+    def reload() -> ExecutorConfig:
+        # The same sources as at start: the flags, the environment, the file read again.
+        return ExecutorConfig.load(args.config, **overrides)
+
     try:
-        config = ExecutorConfig.load(
-            args.config,
-            host=args.host,
-            port=args.port,
-            insecure_no_auth=True if args.insecure_no_auth else None,
-            isolation=args.isolation,
-            max_concurrent_executions=args.max_concurrent,
-            log_level=args.log_level,
-            log_format=args.log_format,
-            sandbox_venv=args.sandbox_venv,
-            preload_modules=args.preload,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
+        config = reload()
     except ConfigError as exc:
         print(f"codemode serve: {exc}", file=sys.stderr)
         return 2
@@ -46,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     except IsolationUnavailable as exc:
         print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
         return 3
-    if config.api_key is None:
+    if not config.tenant_keys():
         print(
             "codemode serve: WARNING: --insecure-no-auth: anyone who reaches the port runs code",
             file=sys.stderr,
@@ -61,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"codemode serve: metrics on {running.metrics.url}", flush=True)
 
     try:
-        asyncio.run(serve_forever(config, backend, on_ready=ready))
+        asyncio.run(serve_forever(config, backend, on_ready=ready, reload=reload))
     except (SandboxUnavailable, MetricsUnavailable) as exc:
         # Found at start: a bad sandbox venv, a failing preload, a metrics port in use.
         print(f"codemode serve: refusing to start: {exc}", file=sys.stderr)
@@ -264,6 +270,21 @@ def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    from codemode.config.executor import hash_api_key
+
+    key = sys.stdin.readline().rstrip("\r\n")
+    if len(key) < 8:
+        print(
+            "codemode hash-key: give the key on stdin, at least 8 characters (make one with "
+            "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+            file=sys.stderr,
+        )
+        return 2
+    print(hash_api_key(key))
+    return 0
+
+
 def _add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sandbox-venv",
@@ -293,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-concurrent", type=int, help="executions running at once")
     _add_sandbox_arguments(serve)
+    serve.add_argument(
+        "--preload-warmup",
+        metavar="CODE",
+        help="Python the zygote runs once after the preloads, e.g. a first DataFrame",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.add_argument(
@@ -356,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="YAML file of ExecutorConfig settings")
     _add_sandbox_arguments(doctor)
     doctor.set_defaults(func=_doctor)
+
+    hash_key = sub.add_parser(
+        "hash-key",
+        help="print the sha256:<hex> form of the API key read from stdin, for api_keys",
+        description="Reads one key from stdin (its first line) and prints the hash that an "
+        "api_keys entry of the executor's config holds: api_keys: {alice: sha256:...}.",
+    )
+    hash_key.set_defaults(func=_hash_key)
     return parser
 
 

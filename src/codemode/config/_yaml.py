@@ -19,14 +19,40 @@ class ConfigError(ValueError):
     """Configuration is missing, unreadable or invalid; the message says which setting."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a mapping that names one key twice (PyYAML keeps the last,
+    so a second ``api_keys`` entry of one id would silently replace the first)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str | int | float | bool):
+            continue  # an unhashable key is the constructor's own error
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Return the top-level mapping of the YAML file at ``path``.
 
-    Raises :class:`ConfigError` when the file is missing, is not YAML, or is not a mapping.
+    Raises :class:`ConfigError` when the file is missing, is not YAML (a key given twice in
+    one mapping included), or is not a mapping.
     """
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

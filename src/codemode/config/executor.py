@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -21,10 +22,25 @@ from codemode.config import _defaults as d
 from codemode.config._yaml import ConfigError, YamlSettings, with_yaml_file
 from codemode.config.client import _describe
 
-__all__ = ["ExecutorConfig", "LimitsConfig"]
+__all__ = ["DEFAULT_TENANT", "ApiKeyConfig", "ExecutorConfig", "LimitsConfig", "hash_api_key"]
 
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Key ids become log fields and metric labels: short, printable, no spaces or quotes.
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+#: The tenant of the single ``api_key`` setting (and of every call without authentication).
+DEFAULT_TENANT = "default"
+
+
+def hash_api_key(key: str) -> str:
+    """The ``sha256:<hex>`` form of ``key`` that ``api_keys`` holds (``codemode hash-key``).
+
+    A fast hash is enough because keys are random tokens, not passwords: nothing is gained by
+    a slow one (bcrypt, argon2), which would cost every request its work factor.
+    """
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 class LimitsConfig(BaseModel):
@@ -53,6 +69,65 @@ class LimitsConfig(BaseModel):
         return self.model_copy(update=changes) if changes else self
 
 
+class ApiKeyConfig(BaseModel):
+    """One tenant's key, stored hashed, and what its requests may use.
+
+    Each limit lowers the service's own for this key's requests; unset, the service's applies.
+    A YAML entry may be just the hash (``alice: sha256:…``) when the key has no limits.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_hash: str = Field(description="sha256:<64 hex digits> of the key (codemode hash-key).")
+    max_concurrent_executions: int | None = Field(
+        default=None, ge=1, description="Executions of this key running or queued at once."
+    )
+    max_executions_per_minute: int | None = Field(
+        default=None, ge=1, description="Executions this key may start in any 60 s."
+    )
+    max_execution_timeout: float | None = Field(default=None, gt=0)
+    max_sessions: int | None = Field(
+        default=None, ge=0, description="Sessions of this key open at once (0: none)."
+    )
+    limits: dict[str, float] = Field(
+        default_factory=dict, description="Any LimitsConfig fields, each lowering the service's."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_only(cls, value: Any) -> Any:
+        return {"key_hash": value} if isinstance(value, str) else value
+
+    @field_validator("key_hash")
+    @classmethod
+    def _check_hash(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _KEY_HASH.match(value):
+            raise ValueError(
+                "key_hash must be 'sha256:' and 64 hex digits: the hash of the key, never the "
+                "key itself (make one with `codemode hash-key`)"
+            )
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _check_limits(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, number in value.items():
+            if name not in LimitsConfig.model_fields:
+                raise ValueError(
+                    f"{name!r} is not a limit ({', '.join(LimitsConfig.model_fields)})"
+                )
+            if not number > 0:
+                raise ValueError(f"limit {name} must be positive")
+        try:
+            LimitsConfig.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ) from None
+        return value
+
+
 class ExecutorConfig(YamlSettings):
     """How ``codemode serve`` listens, authenticates, admits and isolates.
 
@@ -66,6 +141,11 @@ class ExecutorConfig(YamlSettings):
     host: str = d.DEFAULT_HOST
     port: int = Field(default=d.DEFAULT_PORT, ge=0, le=65535)
     api_key: SecretStr | None = None
+    api_keys: dict[str, ApiKeyConfig] = Field(
+        default_factory=dict,
+        description="Tenants: key id -> its hashed key and limits. Re-read on SIGHUP; "
+        "api_key, if also given, is the tenant 'default'.",
+    )
     insecure_no_auth: bool = False
     isolation: Literal["auto", "forkserver", "bwrap", "process"] = Field(
         default="auto",
@@ -103,6 +183,13 @@ class ExecutorConfig(YamlSettings):
         default=(),
         description="Modules the sandbox imports once, before it forks guests "
         "(environment: a comma-separated list).",
+    )
+    preload_warmup: str | None = Field(
+        default=None,
+        description="Python the fork server's zygote runs once after the preloads, before it "
+        "forks guests, so that the first use of those modules (pandas' first DataFrame …) is "
+        "paid once, not in every program. Operator code: it runs in the sandbox, as the "
+        "preloads do.",
     )
     sandbox_env: dict[str, str] = Field(
         default_factory=dict,
@@ -150,15 +237,39 @@ class ExecutorConfig(YamlSettings):
                 raise ValueError(f"{name!r} cannot be set in the sandbox's environment")
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_key_ids(cls, value: dict[str, ApiKeyConfig]) -> dict[str, ApiKeyConfig]:
+        for key_id in value:
+            if not _KEY_ID.match(key_id):
+                raise ValueError(
+                    f"key id {key_id!r} must be 1-63 letters, digits, '_', '.' or '-', "
+                    "starting with a letter or digit"
+                )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.api_key is None and not self.insecure_no_auth:
+        if self.api_key is None and not self.api_keys and not self.insecure_no_auth:
             raise ValueError(
-                "no API key: set CODEMODE_API_KEY (or api_key in the config file), "
+                "no API key: set CODEMODE_API_KEY (or api_key or api_keys in the config file), "
                 "or pass --insecure-no-auth to serve without authentication"
             )
         if self.api_key is not None and len(self.api_key.get_secret_value()) < 8:
             raise ValueError("api_key must be at least 8 characters")
+        if self.api_key is not None and DEFAULT_TENANT in self.api_keys:
+            raise ValueError(
+                f"api_keys names {DEFAULT_TENANT!r}, the tenant of api_key: drop api_key "
+                f"(CODEMODE_API_KEY) or rename that entry"
+            )
+        owners: dict[str, str] = {}
+        for key_id, key in self.tenant_keys().items():
+            if key.key_hash in owners:
+                raise ValueError(
+                    f"api_keys {owners[key.key_hash]!r} and {key_id!r} have the same key; "
+                    "give each tenant its own"
+                )
+            owners[key.key_hash] = key_id
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         if (
@@ -170,6 +281,15 @@ class ExecutorConfig(YamlSettings):
                 f"metrics_port {self.metrics_port} is the service's port; pick another"
             )
         return self
+
+    def tenant_keys(self) -> dict[str, ApiKeyConfig]:
+        """Every accepted key by tenant id: ``api_keys``, and ``api_key`` as ``default``."""
+        keys = dict(self.api_keys)
+        if self.api_key is not None:
+            keys[DEFAULT_TENANT] = ApiKeyConfig(
+                key_hash=hash_api_key(self.api_key.get_secret_value())
+            )
+        return keys
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> ExecutorConfig:

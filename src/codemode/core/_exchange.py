@@ -41,6 +41,7 @@ from codemode.core.results import (
     ToolCallEvent,
     ToolResultEvent,
 )
+from codemode.tracing import ExecutionSpan, ToolCallSpan
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire.names import MAX_INPUT_FILES, NOT_STARTED_TRAILER, file_name_problem
 
@@ -66,6 +67,8 @@ class Prepared:
     binding: str = ""
     budget: ToolBudget | None = None
     approvals: ApprovalGate | None = None
+    #: The execution's span, when tracing is on: the parent of its tool calls' spans.
+    trace: ExecutionSpan | None = None
 
     def with_timeout(self, seconds: float) -> Prepared:
         """This request with ``seconds`` left to run (a re-run within the first deadline)."""
@@ -100,6 +103,7 @@ async def exchange(
     if prepared.approvals is not None:
         relay.pausing = asyncio.get_running_loop().create_future()
         relay.gate = prepared.approvals
+    relay.trace = prepared.trace
     sent = False
     try:
         try:
@@ -194,6 +198,7 @@ class _ToolRelay:
         self._meter = meter
         self._redactor = redactor
         self.gate: ApprovalGate | None = None
+        self.trace: ExecutionSpan | None = None
         #: Set to the call that paused the execution (when approvals apply).
         self.pausing: asyncio.Future[PendingCall] | None = None
         self._tools = tools
@@ -231,7 +236,8 @@ class _ToolRelay:
                 self._spawn(self._replay(frame.call_id, entry))
                 return None
             journal = (seq, canonical)
-        self._spawn(self._answer(frame.call_id, name, args, kwargs, journal))
+        size = len(frame.arguments_json)
+        self._spawn(self._answer(frame.call_id, name, args, kwargs, journal, size))
         return ToolCallEvent(frame.call_id, name, args, kwargs)
 
     def _spawn(self, coro: Coroutine[Any, Any, ToolResultEvent | None]) -> None:
@@ -315,6 +321,23 @@ class _ToolRelay:
         args: list[Any],
         kwargs: dict[str, Any],
         journal: tuple[int, str] | None,
+        size: int = 0,
+    ) -> ToolResultEvent | None:
+        """:meth:`_respond`, in a span of its own when tracing is on (``size``: the
+        arguments' bytes); a step's value is no tool call and gets none."""
+        if self.trace is None or name == STEP_TOOL:
+            return await self._respond(call_id, name, args, kwargs, journal, None)
+        with self.trace.tool_call(name, size) as span:
+            return await self._respond(call_id, name, args, kwargs, journal, span)
+
+    async def _respond(
+        self,
+        call_id: str,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        journal: tuple[int, str] | None,
+        span: ToolCallSpan | None,
     ) -> ToolResultEvent | None:
         started = time.perf_counter()
         meter = self._meter
@@ -323,6 +346,8 @@ class _ToolRelay:
         if refused is None and journal is not None and self.gate is not None:
             denied = await self._approve(journal[0], name, args, kwargs)
             if denied is _PAUSE:
+                if span is not None:
+                    span.paused()
                 return None  # no answer: the execution pauses here
         if refused is not None:
             reply = _tool_error(BUDGET_ERROR, refused)
@@ -347,6 +372,8 @@ class _ToolRelay:
             )
             self._recorder.record(entry)
         reply.call_id = call_id
+        if span is not None:
+            span.answered(len(reply.value_json), reply.error_type)
         if not reply.ok:
             message = reply.error_message
             logger.info(

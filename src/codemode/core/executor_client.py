@@ -78,6 +78,7 @@ from codemode.core.results import (
 )
 from codemode.core.retry import RetryPolicy
 from codemode.core.session import Session
+from codemode.tracing import start_execution
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire.names import (
@@ -166,8 +167,10 @@ class ExecutorClient(Closing):
 
     @property
     def journaling(self) -> bool:
-        """Whether executions keep a journal (for failover, or a file of them)."""
-        return self.config.failover == "replay" or self.config.journal_path is not None
+        """Whether executions keep a journal: when a failover can use it (several executors),
+        or in a file (``journal_path``); approvals always do. With one executor and no file
+        there is nothing to replay on, and tool calls skip the recording."""
+        return self.fails_over or self.config.journal_path is not None
 
     @property
     def closed(self) -> bool:
@@ -411,13 +414,16 @@ class ExecutorClient(Closing):
         connect_by = loop.time() + self.config.connect_timeout
         shown = _Shown()
         keep_journal = False
+        span = start_execution(cid, prepared.start.code, prepared.start.tools)
+        if span is not None:
+            prepared = dataclasses.replace(prepared, trace=span)
         try:
             while True:
                 shown.new_attempt()
+                if span is not None:
+                    span.attempt()
                 try:
-                    async for event in self._stream_once(
-                        prepared, recorder, redactor, connect_by
-                    ):
+                    async for event in self._stream_once(prepared, recorder, redactor, connect_by):
                         if isinstance(event, OutputEvent):
                             unseen = shown.unseen(event)
                             if unseen is not None and redactor is not None:
@@ -438,12 +444,28 @@ class ExecutorClient(Closing):
                                     yield held
                                 result = redactor.result(result)
                             event = ResultEvent(result)
+                            if span is not None:
+                                span.finished(
+                                    success=result.success,
+                                    error_type=result.error_type,
+                                    tool_calls=result.tool_calls,
+                                    replayed=result.replayed_tool_calls,
+                                )
                         yield event
                     return
                 except PauseSignal as signal:
                     assert recorder is not None  # approvals always keep a journal
                     keep_journal = True
-                    yield ResultEvent(self._pause(request, prepared, recorder, signal.call))
+                    paused = self._pause(request, prepared, recorder, signal.call)
+                    if span is not None:
+                        span.finished(
+                            success=False,
+                            error_type=paused.error_type,
+                            tool_calls=0,
+                            replayed=recorder.replayed,
+                            paused=True,
+                        )
+                    yield ResultEvent(paused)
                     return
                 except ExecutorClientError as exc:
                     left = deadline - loop.time()
@@ -455,6 +477,8 @@ class ExecutorClient(Closing):
                         and left > 0
                     ):
                         failovers += 1
+                        if span is not None:
+                            span.failover(exc.status or type(exc).__name__)
                         logger.warning(
                             "executor lost mid-execution (%s); running it again on another "
                             "with replay (failover %d, %.1fs left)",
@@ -477,11 +501,19 @@ class ExecutorClient(Closing):
                         delay,
                         extra={"correlation_id": cid},
                     )
+                    if span is not None:
+                        span.retry(type(exc).__name__, delay)
                     await asyncio.sleep(delay)
                     attempt, waited = attempt + 1, waited + delay
+        except BaseException as exc:
+            if span is not None:
+                span.failed(exc)
+            raise
         finally:
             if recorder is not None and not keep_journal:
                 recorder.discard()
+            if span is not None:
+                span.end()
 
     def _pause(
         self, request: Request, prepared: Prepared, recorder: Recorder, call: PendingCall
@@ -652,8 +684,9 @@ class ExecutorClient(Closing):
         """One attempt: open the stream, send the start frame, relay until the result."""
         channel = self._channel()
         await self._wait_connected(channel, prepared.correlation_id, connect_by)
+        trace = prepared.trace.metadata if prepared.trace is not None else ()
         call = pb_grpc.ExecutorStub(channel).Execute(
-            metadata=(*self._auth, (CORRELATION_ID, prepared.correlation_id)),
+            metadata=(*self._auth, (CORRELATION_ID, prepared.correlation_id), *trace),
             timeout=prepared.start.timeout_seconds + DEADLINE_MARGIN_S,
         )
         try:

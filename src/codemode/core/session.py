@@ -19,6 +19,7 @@ re-created silently.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -46,6 +47,7 @@ from codemode.core.errors import (
     SessionLostError,
 )
 from codemode.core.results import ExecutionEvent, ExecutionResult, ResultEvent, unwrap
+from codemode.tracing import current_metadata, start_execution
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire.names import CORRELATION_ID
@@ -128,7 +130,7 @@ class Session:
         channel = client._channel()
         await client._wait_connected(channel, cid)
         call = pb_grpc.ExecutorStub(channel).Session(
-            metadata=(*client._auth, (CORRELATION_ID, cid)),
+            metadata=(*client._auth, (CORRELATION_ID, cid), *current_metadata()),
             timeout=None if self._ttl is None else self._ttl + DEADLINE_MARGIN_S,
         )
         opening = pb.OpenSession(
@@ -277,10 +279,26 @@ class Session:
             prepared = self._client._prepare(request)
             prepared.start.correlation_id = prepared.correlation_id
             finished = False
+            span = start_execution(
+                prepared.correlation_id,
+                prepared.start.code,
+                prepared.start.tools,
+                session_id=self.session_id,
+            )
+            if span is not None:
+                span.attempt()
+                prepared = dataclasses.replace(prepared, trace=span)
             try:
                 async for event in exchange(self._call, prepared, self._client.config.tool_timeout):
                     if isinstance(event, ResultEvent):
                         finished = True
+                        if span is not None:
+                            result = event.result
+                            span.finished(
+                                success=result.success,
+                                error_type=result.error_type,
+                                tool_calls=result.tool_calls,
+                            )
                         if not event.result.session_alive:
                             self._lose(
                                 SessionLostError(
@@ -292,8 +310,16 @@ class Session:
                             )
                     yield event
             except ExecutorClientError as exc:
+                if span is not None:
+                    span.failed(exc)
                 raise self._lose(self._lost_by(exc)) from exc
+            except BaseException as exc:
+                if span is not None:
+                    span.failed(exc)
+                raise
             finally:
+                if span is not None:
+                    span.end()
                 if not finished and self._lost is None:
                     # Cancelled, or the caller left the loop: the sandbox is killed with it.
                     self._lose(

@@ -10,6 +10,10 @@ from codemode.executor.guest.outcomes import ErrorType
 AUTHORIZATION = "authorization"
 #: Request metadata: the caller's correlation id, echoed in the result and every log line.
 CORRELATION_ID = "x-correlation-id"
+#: Request metadata: the W3C trace context of the client's execution span (OpenTelemetry,
+#: when the application traces); the executor's spans join that trace.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
 #: Trailer of a refusal after which the client may retry: the program did not start.
 NOT_STARTED_TRAILER = "x-codemode-not-started"
 #: Input files one execution may declare at most.
@@ -34,6 +38,8 @@ __all__ = [
     "CORRELATION_ID",
     "MAX_INPUT_FILES",
     "NOT_STARTED_TRAILER",
+    "TRACEPARENT",
+    "TRACESTATE",
     "ErrorType",
     "file_name_problem",
 ]

@@ -546,12 +546,14 @@ def _narrow_bounding_set() -> list[int]:
     return [kept for kept in range(64) if effective & (1 << kept)]
 
 
-def _prepare(site_dirs: list[str], preloads: list[str]) -> None:
+def _prepare(site_dirs: list[str], preloads: list[str], warmup: str = "") -> None:
     """Import, ahead of every child, what the guest runtime and common programs need.
 
     ``site_dirs`` (the sandbox venv's site-packages) go on the path first; ``preloads`` are
-    the operator's modules. One that fails to import ends the zygote with its traceback on
-    stderr, which the service reports as the reason it cannot start.
+    the operator's modules, and ``warmup`` the operator's code run once after them (the
+    first use of those modules, paid here rather than in every child). One that fails ends
+    the zygote with its traceback on stderr, which the service reports as the reason it
+    cannot start.
     """
     global _guest
     # This folder is the package ``guest``: its parent goes on the path (``-I`` left it off).
@@ -567,6 +569,15 @@ def _prepare(site_dirs: list[str], preloads: list[str]) -> None:
             import traceback
 
             sys.stderr.write(f"preloading {name!r} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            os._exit(1)
+    if warmup:
+        try:
+            exec(compile(warmup, "<preload_warmup>", "exec"), {"__name__": "__warmup__"})  # noqa: S102 - the operator's own code
+        except BaseException:
+            import traceback
+
+            sys.stderr.write(f"preload_warmup failed:\n{traceback.format_exc()}")
             sys.stderr.flush()
             os._exit(1)
     # Everything imported so far is shared with every child, copy-on-write: keep the cyclic
@@ -590,7 +601,9 @@ def main(argv: list[str]) -> None:
     # a walk of all its mounts per child.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     bounding_set = _narrow_bounding_set()
-    _prepare(list(raw.get("sys_path") or ()), list(raw.get("preload") or ()))
+    _prepare(
+        list(raw.get("sys_path") or ()), list(raw.get("preload") or ()), raw.get("warmup") or ""
+    )
     global _RAW_FORK
     if len(os.listdir("/proc/self/task")) != 1:  # nothing here starts a thread, but check
         _RAW_FORK = False

@@ -138,15 +138,20 @@ async def run_execution(
     call_tool: ToolCaller,
     on_output: OutputSink | None = None,
     inputs: asyncio.Queue[tuple[str, bytes]] | None = None,
+    *,
+    on_attached: Callable[[], object] | None = None,
 ) -> RunOutcome:
     """Run ``request`` in a fresh guest and return its outcome. Cancelling this kills the guest.
 
     ``inputs`` brings the chunks of ``request.files``, in order, as (name, bytes); they are
-    written to the guest's ``/input`` before the program starts. Raises
+    written to the guest's ``/input`` before the program starts. ``on_attached`` is called
+    once the guest is taken, before the program starts (the service's trace marks it). Raises
     :class:`~.files.FilesUnsupported` when the request has files and the backend no sandbox.
     """
     started = time.perf_counter()
     held = await HeldGuest.attach(backend, packages=imports_packages(request.code))
+    if on_attached is not None:
+        on_attached()
     try:
         return await held.run(request, call_tool, on_output, inputs, started=started)
     finally:
@@ -296,7 +301,7 @@ class HeldGuest:
                     "execution ended by %s: %s",
                     outcome.error_type,
                     outcome.error_message,
-                    extra={"correlation_id": request.correlation_id},
+                    extra={"correlation_id": request.correlation_id, "tenant": request.tenant},
                 )
             return outcome
         finally:
@@ -405,7 +410,7 @@ async def _channel_lost(
     if not done:
         guest.kill()
         exit = await guest.wait()
-        if not (exit.memory_exceeded or exit.pids_exceeded):
+        if not (exit.memory_exceeded or exit.pids_exceeded or exit.sandbox_lost):
             return LimitHit(
                 ErrorType.CRASHED, "the program closed its channel to the service and was stopped"
             )

@@ -40,6 +40,8 @@ class ExecutionRequest:
     correlation_id: str = ""
     #: Placed read-only in ``/input`` before the program starts; their bytes come separately.
     files: tuple[FileInfo, ...] = ()
+    #: The API key id the request came with, for the log lines of its execution.
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,12 @@ def describe_exit(exit: GuestExit, limits: LimitsConfig) -> LimitHit:
         return LimitHit(
             ErrorType.PROCESS_LIMIT,
             f"the program exceeded its limit of {limits.max_processes} processes",
+        )
+    if exit.sandbox_lost:
+        return LimitHit(
+            ErrorType.CRASHED,
+            "the sandbox's fork server died and took the program with it; the service starts "
+            "a new one, so the program can be run again",
         )
     if exit.signal == signal.SIGXCPU or exit.signal == signal.SIGKILL:
         # RLIMIT_CPU sends SIGXCPU, then SIGKILL one second later; the cgroup OOM killer is

@@ -46,6 +46,8 @@ class GuestContents(TypedDict, total=False):
 
     sandbox_venv: str | None
     preload: Sequence[str]
+    #: Run once by the fork server's zygote after the preloads; other backends ignore it.
+    preload_warmup: str | None
     sandbox_env: Mapping[str, str] | None
 
 
@@ -93,21 +95,26 @@ def group_text(uid_base: int, uid_count: int) -> str:
 class IdentityFiles:
     """``passwd`` and ``group`` for a uid range, written to a root-owned host directory.
 
-    The directory (0755, files 0644) lives as long as the backend; :meth:`remove` deletes it.
+    The directory (0755, files 0644, under ``TMPDIR``) lives as long as the backend;
+    :meth:`remove` deletes it. Raises ``OSError`` when it cannot be written.
     """
 
     def __init__(self, uid_base: int, uid_count: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="codemode-etc-")
-        os.chmod(self.dir, 0o755)  # noqa: S103 - the sandbox uids read it, read-only
         self.passwd = os.path.join(self.dir, "passwd")
         self.group = os.path.join(self.dir, "group")
-        for path, text in (
-            (self.passwd, passwd_text(uid_base, uid_count)),
-            (self.group, group_text(uid_base, uid_count)),
-        ):
-            with open(path, "w", encoding="ascii") as handle:
-                handle.write(text)
-            os.chmod(path, 0o644)
+        try:
+            os.chmod(self.dir, 0o755)  # noqa: S103 - the sandbox uids read it, read-only
+            for path, text in (
+                (self.passwd, passwd_text(uid_base, uid_count)),
+                (self.group, group_text(uid_base, uid_count)),
+            ):
+                with open(path, "w", encoding="ascii") as handle:
+                    handle.write(text)
+                os.chmod(path, 0o644)
+        except BaseException:
+            self.remove()  # a full disk leaves no half-written directory behind
+            raise
 
     def binds(self) -> list[tuple[str, str]]:
         """(host file, path in sandbox) pairs for the layout."""

@@ -32,6 +32,7 @@ def make_backend(config: ExecutorConfig) -> SandboxBackend:
     contents = GuestContents(
         sandbox_venv=str(config.sandbox_venv) if config.sandbox_venv is not None else None,
         preload=config.preload_modules,
+        preload_warmup=config.preload_warmup,
         sandbox_env=config.sandbox_env,
     )
     if config.isolation == "process":

@@ -133,7 +133,10 @@ class _Zygote:
                 socket.send_fds(self.control, [message], fds)
             else:
                 self.control.send(message)
+        except BlockingIOError:
+            return False
         except OSError:
+            self.dead = True  # its end is closed: it exited, whether or not it is reaped yet
             return False
         return True
 
@@ -234,6 +237,8 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
             "rlimits": self._rlimits(),
             "sys_path": self.site_dirs,
             "preload": list(self.preload_modules if preload is None else preload),
+            # Only where the preloads are: the plain zygote's programs import no packages.
+            "warmup": (self.preload_warmup or "") if (preload is None or preload) else "",
             "home": HOME_TARGET,
         }
         argv += [
@@ -267,6 +272,10 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
 
     # -- the zygote ----------------------------------------------------------------------
 
+    @staticmethod
+    def _crash_looping(line: _Line) -> bool:
+        return line.quick_crashes >= _MAX_QUICK_CRASHES
+
     async def _ensure_zygote(self, line: _Line) -> _Zygote:
         async with line.lock:
             zygote = line.zygote
@@ -274,7 +283,7 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
                 return zygote
             if self._closed:
                 raise RuntimeError("backend is closed")
-            if line.quick_crashes >= _MAX_QUICK_CRASHES:
+            if self._crash_looping(line):
                 raise SandboxUnavailable(
                     f"the fork-server zygote died {line.quick_crashes} times right after "
                     f"starting: {self.last_zygote_error or 'no message'}; run `codemode doctor`"
@@ -416,6 +425,9 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
                     guest = await self._fork(line)
                 except Exception:
                     line.start_failures += 1
+                    zygote = line.zygote
+                    if zygote is not None and zygote.dead and not self._crash_looping(line):
+                        continue  # it died under this request: the next try starts a new one
                     raise
                 try:
                     await guest._ready
@@ -473,7 +485,11 @@ class ForkServerBackend(HostSandboxBackend["_ForkGuest"]):
                 guest.kill()
                 self._hand_over_pooled(line, None)
                 return
-            if not self._hand_over_pooled(line, guest):
+            if self._hand_over_pooled(line, guest):
+                # It went to a waiting request, not to the pool: fork its replacement, or a
+                # burst that ends while guests are handed over leaves the pool short.
+                self._schedule_refill()
+            else:
                 line.pool.append(guest)
 
         return done
@@ -721,9 +737,13 @@ class _ForkGuest(HostGuest):
 
     @staticmethod
     def _outcome(status: int | None, memory: bool, pids: bool) -> GuestExit:
-        if status is None:
+        if status is None:  # its zygote died, and the kernel killed its pid namespace with it
             return GuestExit(
-                None, signal=signal.SIGKILL, memory_exceeded=memory, pids_exceeded=pids
+                None,
+                signal=signal.SIGKILL,
+                memory_exceeded=memory,
+                pids_exceeded=pids,
+                sandbox_lost=True,
             )
         return guest_exit(os.waitstatus_to_exitcode(status), memory, pids)
 

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -294,6 +295,7 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         pool_size: int | None = None,
         sandbox_venv: str | None = None,
         preload: Sequence[str] = (),
+        preload_warmup: str | None = None,
         sandbox_env: Mapping[str, str] | None = None,
     ) -> None:
         if uid_base <= 0 or uid_count <= 0 or uid_base + uid_count >= 0xFFFFFFFF:
@@ -307,6 +309,7 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
         self.pool_size = max(0, self.default_pool_size if pool_size is None else pool_size)
         self.sandbox_venv = sandbox_venv
         self.preload_modules = tuple(preload)
+        self.preload_warmup = preload_warmup
         self.guest_env = guest_env(sandbox_env)  # checked here, before anything starts
         #: The sandbox venv, once checked at start (None: the standard library only).
         self.venv: SandboxVenv | None = None
@@ -383,7 +386,14 @@ class HostSandboxBackend(SandboxBackend, Generic[_G]):
             self.packages = tuple((p.name, p.version) for p in self.venv.packages)
             extra += self.venv.libraries
         if self._identity is None:
-            self._identity = IdentityFiles(self.uid_base, self.uid_count)
+            try:
+                self._identity = IdentityFiles(self.uid_base, self.uid_count)
+            except OSError as exc:
+                raise SandboxUnavailable(
+                    "cannot write the sandboxes' /etc/passwd and /etc/group under "
+                    f"{tempfile.gettempdir()}: {exc.strerror or exc}; make room there or "
+                    "point TMPDIR at a directory that has some"
+                ) from None
         binds = self._identity.binds()
         if self.venv is not None:
             binds.append((self.venv.site_packages, SANDBOX_SITE_PACKAGES))

@@ -39,12 +39,14 @@ class GuestFds:
 
 @dataclass(frozen=True, slots=True)
 class GuestExit:
-    """How a guest ended. ``signal`` is set when a signal killed it."""
+    """How a guest ended. ``signal`` is set when a signal killed it; ``sandbox_lost`` when it
+    died with the sandbox around it (the fork server's zygote), not by anything of its own."""
 
     returncode: int | None
     signal: int | None = None
     memory_exceeded: bool = False
     pids_exceeded: bool = False
+    sandbox_lost: bool = False
 
 
 class GuestProcess(abc.ABC):

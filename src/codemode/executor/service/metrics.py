@@ -13,7 +13,8 @@ HTTP server; the collector only reads ints and lengths that the event loop write
 Labels stay bounded whatever programs and applications send: ``error_type`` is one of
 :class:`ErrorType`, a builtin exception's name, :data:`PROGRAM_EXCEPTION` for a class the
 program defined, or :data:`EXECUTOR_ERROR`; tool names are not labels (the application picks
-them, and a client may declare new ones with every execution).
+them, and a client may declare new ones with every execution). ``tenant`` is a key id from
+the operator's config (``default`` for ``api_key`` or no authentication).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from codemode.config.executor import DEFAULT_TENANT
 from codemode.executor.run.outcome import RunOutcome
 from codemode.executor.sandbox import SandboxBackend
 from codemode.wire.names import ErrorType
@@ -61,7 +63,13 @@ _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 _TOOL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 ToolOutcome = Literal["ok", "error", "abandoned"]
-Refusal = Literal["overloaded", "shutting_down"]
+Refusal = Literal["overloaded", "shutting_down", "tenant_concurrency", "tenant_rate"]
+_REFUSALS: tuple[Refusal, ...] = (
+    "overloaded",
+    "shutting_down",
+    "tenant_concurrency",
+    "tenant_rate",
+)
 
 
 def error_label(error_type: str) -> str:
@@ -80,11 +88,10 @@ class ExecutorMetrics:
         self.registry = registry = CollectorRegistry()
         self._executions = Counter(
             "codemode_executions",
-            "Executions that ended, by outcome and error type.",
-            ["outcome", "error_type"],
+            "Executions that ended, by outcome, error type and tenant (API key id).",
+            ["outcome", "error_type", "tenant"],
             registry=registry,
         )
-        self._ok = self._executions.labels(outcome="ok", error_type="")
         self._duration = Histogram(
             "codemode_execution_duration_seconds",
             "Wall time of an execution that ended with a result, from taking its sandbox to "
@@ -100,8 +107,9 @@ class ExecutorMetrics:
         )
         self._refused = Counter(
             "codemode_executions_refused",
-            "Executions refused before they started (the client may retry them), by reason.",
-            ["reason"],
+            "Executions refused before they started (the client may retry them), by reason "
+            "and tenant (API key id).",
+            ["reason", "tenant"],
             registry=registry,
         )
         self._tool_calls = Counter(
@@ -119,18 +127,24 @@ class ExecutorMetrics:
         )
         for outcome in ("ok", "error", "abandoned"):
             self._tool_calls.labels(outcome=outcome)
-        for reason in ("overloaded", "shutting_down"):
-            self._refused.labels(reason=reason)
         ProcessCollector(registry=registry)
         #: Executions between start and outcome now (Execute and sessions alike).
         self.in_flight = 0
+
+    def add_tenants(self, tenants: Iterable[str]) -> None:
+        """Show each refusal reason of ``tenants`` at 0 before it first happens."""
+        for tenant in tenants:
+            for reason in _REFUSALS:
+                self._refused.labels(reason=reason, tenant=tenant)
 
     def watch(self, backend: SandboxBackend, sessions_open: Callable[[], int]) -> None:
         """Read ``backend``'s pools, ``sessions_open()`` and :attr:`in_flight` at each scrape."""
         self.registry.register(_Sampled(self, backend, sessions_open))
 
-    async def measured(self, execution: Awaitable[RunOutcome]) -> RunOutcome:
-        """Await ``execution``, counting it in flight meanwhile and how it ended after.
+    async def measured(
+        self, execution: Awaitable[RunOutcome], tenant: str = DEFAULT_TENANT
+    ) -> RunOutcome:
+        """Await ``execution`` of ``tenant``, counting it in flight meanwhile and how it ended.
 
         A ``RunOutcome`` counts by its error type, with its duration; ``OSError`` or
         ``RuntimeError`` (the sandbox could not be started or driven) as ``ExecutorError``;
@@ -140,19 +154,17 @@ class ExecutorMetrics:
         try:
             outcome = await execution
         except asyncio.CancelledError:
-            self._executions.labels(outcome="error", error_type=ErrorType.CANCELLED.value).inc()
+            self._executions.labels("error", ErrorType.CANCELLED.value, tenant).inc()
             raise
         except (OSError, RuntimeError):
-            self._executions.labels(outcome="error", error_type=EXECUTOR_ERROR).inc()
+            self._executions.labels("error", EXECUTOR_ERROR, tenant).inc()
             raise
         finally:
             self.in_flight -= 1
         if outcome.success:
-            self._ok.inc()
+            self._executions.labels("ok", "", tenant).inc()
         else:
-            self._executions.labels(
-                outcome="error", error_type=error_label(outcome.error_type)
-            ).inc()
+            self._executions.labels("error", error_label(outcome.error_type), tenant).inc()
         self._duration.observe(outcome.duration_ms / 1000)
         return outcome
 
@@ -160,8 +172,8 @@ class ExecutorMetrics:
         """An execution got its slot after ``waited`` seconds in the queue."""
         self._queue_wait.observe(waited)
 
-    def refused(self, reason: Refusal) -> None:
-        self._refused.labels(reason=reason).inc()
+    def refused(self, reason: Refusal, tenant: str = DEFAULT_TENANT) -> None:
+        self._refused.labels(reason, tenant).inc()
 
     def tool_call(self, outcome: ToolOutcome, seconds: float | None) -> None:
         """A tool call ended; ``seconds`` from its frame to its answer (None: no answer)."""

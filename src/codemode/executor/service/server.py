@@ -19,9 +19,10 @@ from codemode.config import ExecutorConfig
 from codemode.config._defaults import MAX_MESSAGE_BYTES
 from codemode.executor.run.execution import wait_reaped
 from codemode.executor.sandbox import SandboxBackend
-from codemode.executor.service.auth import AuthInterceptor
+from codemode.executor.service.auth import AuthInterceptor, Tenants, reload_keys
 from codemode.executor.service.metrics import ExecutorMetrics, MetricsEndpoint, serve_metrics
 from codemode.executor.service.servicer import ExecutorServicer
+from codemode.tracing import configure_from_env
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire import grpc_io
 
@@ -60,9 +61,10 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
 
     Raises :class:`~.metrics.MetricsUnavailable` when the metrics port cannot be bound.
     """
+    tenants = Tenants(config)
     interceptors = []
-    if config.api_key is not None:
-        interceptors.append(AuthInterceptor(config.api_key.get_secret_value()))
+    if tenants.auth_required:
+        interceptors.append(AuthInterceptor(tenants))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -73,7 +75,7 @@ async def start_server(config: ExecutorConfig, backend: SandboxBackend) -> Runni
         maximum_concurrent_rpcs=None,
     )
     metrics = ExecutorMetrics() if config.metrics_port is not None else None
-    servicer = ExecutorServicer(config, backend, metrics)
+    servicer = ExecutorServicer(config, backend, metrics, tenants)
     pb_grpc.add_ExecutorServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -111,8 +113,14 @@ async def serve_forever(
     backend: SandboxBackend,
     *,
     on_ready: Callable[[RunningServer], None] | None = None,
+    reload: Callable[[], ExecutorConfig] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully within ``config.shutdown_grace``.
+
+    On SIGHUP, ``reload()`` (the configuration read again) gives the API keys from then on.
+    """
+    # The standard OTEL_* variables, when the operator set them (extra ``otel``).
+    shutdown_traces = configure_from_env()
     running = await start_server(config, backend)
     # What start-up loaded lives as long as the service: keep the cyclic collector off it, or
     # every full collection walks it all, stalling whatever requests are running.
@@ -123,12 +131,17 @@ async def serve_forever(
         extra={
             "address": f"{config.host}:{running.port}",
             "isolation": backend.describe(),
-            "auth": config.api_key is not None,
+            "auth": running.servicer.tenants.auth_required,
+            "tenants": running.servicer.tenants.ids,
             "grpc_io": "poller" if grpc_io.APPLIED else "grpc's default",
         },
     )
     if running.metrics is not None:
         logger.info("metrics serving", extra={"url": running.metrics.url})
+    if reload is not None:  # before the ready line, so a SIGHUP after it never kills
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, reload_keys, running.servicer.tenants, config, reload
+        )
     if on_ready is not None:
         on_ready(running)
     stop = asyncio.Event()
@@ -138,4 +151,6 @@ async def serve_forever(
     await stop.wait()
     logger.info("shutting down", extra={"grace_s": config.shutdown_grace})
     await running.stop(config.shutdown_grace)
+    if shutdown_traces is not None:  # exports the spans still batched
+        await asyncio.to_thread(shutdown_traces)
     logger.info("executor stopped")

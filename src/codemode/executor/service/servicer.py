@@ -10,6 +10,7 @@ out through ``context.abort``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import grpc.aio
 
 from codemode._version import __version__
 from codemode.config import ExecutorConfig, LimitsConfig
+from codemode.config.executor import DEFAULT_TENANT
 from codemode.executor.run.execution import run_execution
 from codemode.executor.run.outcome import (
     ExecutionRequest,
@@ -30,9 +32,17 @@ from codemode.executor.run.outcome import (
 from codemode.executor.sandbox import SandboxBackend
 from codemode.executor.sandbox.factory import PROCESS_WARNING
 from codemode.executor.service.admission import Admission, Overloaded
+from codemode.executor.service.auth import UNAUTHENTICATED_MESSAGE, Tenant, Tenants
 from codemode.executor.service.metrics import ExecutorMetrics
 from codemode.executor.service.sessions import Sessions
-from codemode.executor.service.stream import ClientProtocolError, ClientStream, check_files
+from codemode.executor.service.stream import (
+    MALFORMED,
+    ClientProtocolError,
+    ClientStream,
+    MalformedFrame,
+    check_files,
+)
+from codemode.tracing import ExecutorSpan, start_rpc
 from codemode.wire import codemode_pb2 as pb
 from codemode.wire import codemode_pb2_grpc as pb_grpc
 from codemode.wire.names import (
@@ -58,6 +68,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         config: ExecutorConfig,
         backend: SandboxBackend,
         metrics: ExecutorMetrics | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self._config = config
         self._backend = backend
@@ -66,9 +77,12 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         )
         self.accepting = True
         self._metrics = metrics
+        #: The accepted keys and their tenants, shared with the auth interceptor.
+        self.tenants = tenants if tenants is not None else Tenants(config)
         self._sessions = Sessions(config, backend, metrics)
         if metrics is not None:
             metrics.watch(backend, lambda: self._sessions.open)
+            metrics.add_tenants(self.tenants.ids or [DEFAULT_TENANT])
 
     def stop_accepting(self) -> None:
         """Refuse new executions and sessions; open sessions end at their next idle moment."""
@@ -78,19 +92,20 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.InfoResponse:
-        """What this executor enforces: its sandbox, ceilings, and any warnings."""
+        """What this executor enforces for the caller's key: its sandbox, ceilings, warnings."""
+        tenant = await self._identify(context)
         warnings = []
         if not self._backend.isolated:
             warnings.append(PROCESS_WARNING)
-        if self._config.api_key is None:
+        if not self.tenants.auth_required:
             warnings.append("insecure-no-auth: any caller that reaches the port can run code")
         return pb.InfoResponse(
             version=__version__,
             isolation=self._backend.name,
             isolated=self._backend.isolated,
             warnings=warnings,
-            limits=pb.Limits(**self._config.limits.model_dump()),
-            max_execution_timeout_seconds=self._config.max_execution_timeout,
+            limits=pb.Limits(**tenant.limits.model_dump()),
+            max_execution_timeout_seconds=tenant.max_execution_timeout,
             max_concurrent_executions=self._config.max_concurrent_executions,
             running_executions=self._admission.running,
             packages=[
@@ -110,11 +125,30 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
+        span = start_rpc("codemode.executor.execution", context.invocation_metadata())
+        if span is None:
+            await self._execute(request_iterator, context, None)
+            return
+        try:
+            await self._execute(request_iterator, context, span)
+        except BaseException as exc:
+            span.end(exc, _status_name(context))
+            raise
+        span.end()
+
+    async def _execute(
+        self,
+        request_iterator: AsyncIterator[pb.ClientFrame],
+        context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
+        span: ExecutorSpan | None,
+    ) -> None:
+        """One execution; ``span`` traces it (queue, sandbox, run) when tracing is on."""
         cid, frames, first = await _opening(request_iterator, context, "start")
-        log = {"correlation_id": cid}
+        tenant = await self._identify(context)
+        log = {"correlation_id": cid, "tenant": tenant.id}
         start = first.start
         try:
-            request = self._validate(start, cid)
+            request = self._validate(start, cid, tenant=tenant)
         except ValueError as exc:
             logger.info("refused a malformed request: %s", exc, extra=log)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -123,25 +157,35 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         metrics = self._metrics
         if not self.accepting:
             if metrics is not None:
-                metrics.refused("shutting_down")
+                metrics.refused("shutting_down", tenant.id)
             await _abort_not_started(
                 context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down"
             )
         stream = ClientStream(frames, context, metrics=metrics)
+        if span is not None:
+            span.describe(cid, start.code, start.tools, request.timeout)
+            span.phase("queue")
         try:
-            async with self._admission.slot() as waited:
+            async with self._admission.slot(tenant.quota) as waited:
                 if metrics is not None:
                     metrics.admitted(waited)
+                if span is not None:
+                    span.phase("sandbox")
                 logger.info("execution started", extra=log)
-                result = await self._run(request, stream, context)
+                result = await self._run(request, stream, context, span)
+                if span is not None:
+                    span.finished(result.success, result.error_type, result.tool_calls)
         except Overloaded as exc:
+            if span is not None:
+                span.refused(exc.reason)
             if metrics is not None:
-                metrics.refused("overloaded")
-            logger.warning("refused: executor overloaded (%s)", exc, extra=log)
+                metrics.refused(exc.reason, tenant.id)
+            whose = "executor overloaded" if exc.reason == "overloaded" else "over its quota"
+            logger.warning("refused: %s (%s)", whose, exc, extra=log)
             await _abort_not_started(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"executor overloaded: {exc}; retry later",
+                f"{whose}: {exc}; retry later",
             )
         except ClientProtocolError as exc:
             logger.warning("client broke the protocol: %s", exc, extra=log)
@@ -164,16 +208,54 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request_iterator: AsyncIterator[pb.ClientFrame],
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
     ) -> None:
+        span = start_rpc("codemode.executor.session", context.invocation_metadata())
+        if span is None:
+            await self._session(request_iterator, context, None)
+            return
+        try:
+            await self._session(request_iterator, context, span)
+        except BaseException as exc:
+            span.end(exc, _status_name(context))
+            raise
+        span.end()
+
+    async def _session(
+        self,
+        request_iterator: AsyncIterator[pb.ClientFrame],
+        context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
+        span: ExecutorSpan | None,
+    ) -> None:
         cid, frames, first = await _opening(request_iterator, context, "open_session")
+        if span is not None:
+            span.describe(cid)
+        tenant = await self._identify(context)
         stream = ClientStream(frames, context, session=True, metrics=self._metrics)
+
+        def validate(start: pb.StartExecution, cid: str, limits: LimitsConfig) -> ExecutionRequest:
+            return self._validate(start, cid, limits, tenant)
+
         await self._sessions.serve(
-            first.open_session, stream, context, cid, self._validate, to_wire
+            first.open_session, stream, context, cid, validate, to_wire, tenant
         )
 
+    async def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Tenant:
+        """The caller's tenant. The interceptor let the call in; a reload since may have
+        removed its key, and then it is refused the same way."""
+        tenant = self.tenants.from_metadata(context.invocation_metadata())
+        if tenant is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        assert tenant is not None  # abort raised otherwise
+        return tenant
+
     def _validate(
-        self, start: pb.StartExecution, cid: str, session: LimitsConfig | None = None
+        self,
+        start: pb.StartExecution,
+        cid: str,
+        session: LimitsConfig | None = None,
+        tenant: Tenant | None = None,
     ) -> ExecutionRequest:
-        """The execution ``start`` asks for; ``session``: the limits of its session."""
+        """The execution ``start`` asks for; ``session``: the limits of its session;
+        ``tenant``: whose ceilings apply (``None``: the service's)."""
         if len(start.code.encode()) > self._config.max_code_bytes:
             raise ValueError(
                 f"code is larger than this executor's limit of {self._config.max_code_bytes} bytes"
@@ -198,18 +280,23 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 raise ValueError("a session's limits are set when it opens, not per execution")
             if start.files and not self._backend.isolated:
                 raise ValueError(_NO_FILES)
-        limits = self._config.limits.lowered(requested) if session is None else session
+        ceiling = self._config.limits if tenant is None else tenant.limits
+        limits = ceiling.lowered(requested) if session is None else session
         files = check_files(start.files, limits.max_input_bytes)
+        longest = (
+            self._config.max_execution_timeout if tenant is None else tenant.max_execution_timeout
+        )
         return ExecutionRequest(
             code=start.code,
             tools=tuple(names),
-            timeout=min(timeout, self._config.max_execution_timeout),
+            timeout=min(timeout, longest),
             limits=limits,
             config=decode_json_object(start.config_json, "config"),
             context=decode_json_object(start.context_json, "context"),
             stream_output=start.stream_output,
             correlation_id=cid,
             files=files,
+            tenant="" if tenant is None else tenant.id,
         )
 
     async def _run(
@@ -217,6 +304,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         request: ExecutionRequest,
         stream: ClientStream,
         context: grpc.aio.ServicerContext[pb.ClientFrame, pb.ServerFrame],
+        span: ExecutorSpan | None = None,
     ) -> RunOutcome:
         if request.files:
             # Admitted: the client waits for this before it sends the files' bytes.
@@ -227,11 +315,16 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             execution = stream.run(
                 request.files,
                 lambda inputs: run_execution(
-                    self._backend, request, stream.call_tool, on_output, inputs
+                    self._backend,
+                    request,
+                    stream.call_tool,
+                    on_output,
+                    inputs,
+                    on_attached=None if span is None else functools.partial(span.phase, "run"),
                 ),
             )
             if self._metrics is not None:
-                return await self._metrics.measured(execution)
+                return await self._metrics.measured(execution, request.tenant)
             return await execution
         finally:
             stream.stop_reading()
@@ -298,12 +391,23 @@ async def _opening(
             first = await anext(frames)
     except (StopAsyncIteration, TimeoutError):
         pass
+    except MalformedFrame:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
     if first is None or first.WhichOneof("frame") != kind:
         await context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"the stream must begin with a {kind} frame"
         )
     assert first is not None  # abort raised otherwise
     return cid, frames, first
+
+
+def _status_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The gRPC status the RPC ended with (``RESOURCE_EXHAUSTED``), when it aborted."""
+    code: Any = context.code()
+    for status in grpc.StatusCode:
+        if code is status or code == status.value[0]:
+            return str(status.name)
+    return None
 
 
 async def _abort_not_started(

@@ -6,8 +6,9 @@ files survive from one execution to the next. It ends, its guest killed, when th
 closes its side or drops the stream, when its TTL or idle timeout passes, when an execution
 ends in a way that kills the sandbox (a limit, a crash, a cancel: that result says
 ``session_alive = false``), or when the service stops. Open sessions are bounded by
-``max_sessions``; an execution in a session takes no execution slot, since its sandbox is
-already held.
+``max_sessions``, and a key's sessions by its own ``max_sessions``; an execution in a session
+takes no execution slot and counts against no quota of its key, since its sandbox is already
+held.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from codemode.config import ExecutorConfig, LimitsConfig
 from codemode.executor.run.execution import HeldGuest
 from codemode.executor.run.outcome import ExecutionRequest, RunOutcome
 from codemode.executor.sandbox import SandboxBackend
+from codemode.executor.service.auth import Tenant
 from codemode.executor.service.metrics import ExecutorMetrics
 from codemode.executor.service.stream import END, ClientProtocolError, ClientStream
 from codemode.wire import codemode_pb2 as pb
@@ -62,6 +64,8 @@ class Sessions:
         self._backend = backend
         self._metrics = metrics
         self._streams: set[ClientStream] = set()
+        # Open sessions by tenant id (ids come from the operator's config: bounded).
+        self._by_tenant: dict[str, int] = {}
         self._stopping = False
 
     @property
@@ -82,9 +86,12 @@ class Sessions:
         cid: str,
         validate: Validate,
         to_wire: ToWire,
+        tenant: Tenant | None = None,
     ) -> None:
-        """Run the session ``opening`` asks for on ``stream`` until it ends."""
-        log = {"correlation_id": cid}
+        """Run the session ``opening`` asks for on ``stream`` until it ends; ``tenant``: whose
+        it is (``None``: the service's limits only)."""
+        tenant_id = "" if tenant is None else tenant.id
+        log = {"correlation_id": cid, "tenant": tenant_id}
         if self._stopping:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, "executor is shutting down")
         if self.open >= self._config.max_sessions:
@@ -94,11 +101,20 @@ class Sessions:
                 f"{self.open} sessions are open, this executor's limit (max_sessions); close "
                 "one or retry later",
             )
+        mine = self._by_tenant.get(tenant_id, 0)
+        if tenant is not None and tenant.max_sessions is not None and mine >= tenant.max_sessions:
+            await _refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"key {tenant_id!r} has {mine} sessions open, its max_sessions; close one or "
+                "retry later",
+            )
         try:
-            ttl, limits = self._settings(opening)
+            ttl, limits = self._settings(opening, tenant)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._streams.add(stream)
+        self._by_tenant[tenant_id] = self._by_tenant.get(tenant_id, 0) + 1
         held: HeldGuest | None = None
         try:
             held = await HeldGuest.attach(self._backend)
@@ -129,10 +145,13 @@ class Sessions:
         finally:
             stream.stop_reading()
             self._streams.discard(stream)
+            self._by_tenant[tenant_id] -= 1
             if held is not None:
                 held.close()
 
-    def _settings(self, opening: pb.OpenSession) -> tuple[float, LimitsConfig]:
+    def _settings(
+        self, opening: pb.OpenSession, tenant: Tenant | None = None
+    ) -> tuple[float, LimitsConfig]:
         ttl = opening.ttl_seconds or self._config.default_session_ttl
         if not math.isfinite(ttl) or ttl < 0:
             raise ValueError("ttl_seconds must be a finite, positive number")
@@ -140,7 +159,8 @@ class Sessions:
         for name, value in requested.items():
             if value < 0:
                 raise ValueError(f"limit {name} must not be negative")
-        return min(ttl, self._config.max_session_ttl), self._config.limits.lowered(requested)
+        ceiling = self._config.limits if tenant is None else tenant.limits
+        return min(ttl, self._config.max_session_ttl), ceiling.lowered(requested)
 
     async def _loop(
         self,
@@ -194,7 +214,7 @@ class Sessions:
             run = functools.partial(held.run, request, stream.call_tool, on_output, session=True)
             execution = stream.run(request.files, run)
             if self._metrics is not None:
-                outcome = await self._metrics.measured(execution)
+                outcome = await self._metrics.measured(execution, request.tenant)
             else:
                 outcome = await execution
             await stream.write_outcome(outcome, to_wire(outcome, cid))

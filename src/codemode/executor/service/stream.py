@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from codemode.config._defaults import FILE_CHUNK_BYTES
 from codemode.executor.run.outcome import FileInfo, RunOutcome, Stream, ToolReply
@@ -33,6 +34,11 @@ _QUEUED_CHUNKS = 4
 END = None
 
 Inputs = asyncio.Queue[tuple[str, bytes]]
+
+
+#: What a stream's frames raise on bytes that are not a ``ClientFrame`` (grpc parses them).
+MalformedFrame = DecodeError
+MALFORMED = "the client sent bytes that are not a ClientFrame"
 
 
 class ClientProtocolError(Exception):
@@ -152,7 +158,11 @@ class ClientStream:
             async for frame in self._frames:
                 if self._route(frame) == "file" and self._files is not None:
                     await self._files.put(frame.file)
-        except ClientProtocolError as exc:
+            if self._files is not None and self._files.pending:
+                raise ClientProtocolError("the stream ended before the declared input files")
+        except (ClientProtocolError, MalformedFrame) as exc:
+            if isinstance(exc, MalformedFrame):
+                exc = ClientProtocolError(MALFORMED)
             self.protocol_error = exc
             if self._execution is not None:
                 self._execution.cancel()
@@ -232,6 +242,11 @@ class FileChunks:
         #: (name, bytes still to come) of the files still open, the next one last.
         self._todo = [(f.name, f.size) for f in reversed(files) if f.size > 0]
         self._queue = queue
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of declared files are still to come."""
+        return bool(self._todo)
 
     async def put(self, chunk: pb.FileChunk) -> None:
         if not self._todo:
