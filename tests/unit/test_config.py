@@ -8,6 +8,7 @@ import pytest
 
 from codemode import Codemode
 from codemode.config import ClientConfig, ConfigError, ExecutorConfig, LimitsConfig
+from codemode.config.executor import ApiKeyConfig, hash_api_key
 
 
 def write(path: Path, text: str) -> Path:
@@ -200,3 +201,159 @@ def test_limits_lowered_with_nothing_lower_is_the_same_object() -> None:
     limits = LimitsConfig()
     assert limits.lowered({}) is limits
     assert limits.lowered({"cpu_seconds": 10_000.0, "memory_bytes": -5}) is limits
+
+
+# ------------------------------------------------------------------------------------------
+# api_keys: tenants with hashed keys
+
+KEY_A = "alpha-key-0123456789abcdef"
+KEY_B = "beta-key-0123456789abcdef"
+
+
+def test_api_keys_take_a_hash_alone_or_with_limits(tmp_path: Path) -> None:
+    """An entry is the hash alone or a mapping with limits; api_key adds tenant 'default'."""
+    path = write(
+        tmp_path / "executor.yaml",
+        f"api_key: {KEY_A}-default\n"
+        "api_keys:\n"
+        f"  alpha: {hash_api_key(KEY_A)}\n"
+        "  beta:\n"
+        f"    key_hash: {hash_api_key(KEY_B).upper().replace('SHA256:', 'sha256:')}\n"
+        "    max_concurrent_executions: 2\n"
+        "    max_executions_per_minute: 30\n"
+        "    max_execution_timeout: 5\n"
+        "    max_sessions: 0\n"
+        "    limits: {memory_bytes: 67108864, cpu_seconds: 2}\n",
+    )
+    config = ExecutorConfig.load(path)
+    keys = config.tenant_keys()
+    assert sorted(keys) == ["alpha", "beta", "default"]
+    assert keys["alpha"] == ApiKeyConfig(key_hash=hash_api_key(KEY_A))
+    assert keys["default"].key_hash == hash_api_key(f"{KEY_A}-default")
+    beta = keys["beta"]
+    assert beta.key_hash == hash_api_key(KEY_B)  # upper-case hex is taken, stored lower
+    assert (beta.max_concurrent_executions, beta.max_executions_per_minute) == (2, 30)
+    assert (beta.max_execution_timeout, beta.max_sessions) == (5.0, 0)
+    assert beta.limits == {"memory_bytes": 64 << 20, "cpu_seconds": 2.0}
+
+
+def test_hash_api_key_is_sha256_hex() -> None:
+    """hash_api_key gives 'sha256:' and the key's SHA-256 in 64 lower-case hex digits."""
+    digest = hash_api_key("abc")
+    assert digest == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_api_keys_alone_need_no_api_key() -> None:
+    """api_keys without api_key is a configuration with authentication, no 'default' tenant."""
+    config = ExecutorConfig.load(api_keys={"alpha": hash_api_key(KEY_A)})
+    assert config.api_key is None
+    assert list(config.tenant_keys()) == ["alpha"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"a": KEY_A}, "key_hash must be 'sha256:' and 64 hex digits"),
+        ({"a": "sha256:" + "ab" * 31}, "key_hash must be 'sha256:' and 64 hex digits"),
+        ({"a": "md5:" + "ab" * 32}, "key_hash must be 'sha256:' and 64 hex digits"),
+        ({"a": "sha256:" + "zz" * 32}, "key_hash must be 'sha256:' and 64 hex digits"),
+        ({"a": {"limits": {}}}, "api_keys.a.key_hash: Field required"),
+        ({"a b": hash_api_key(KEY_A)}, "key id 'a b' must be 1-63 letters"),
+        ({"-a": hash_api_key(KEY_A)}, "key id '-a' must be 1-63 letters"),
+        ({"a" * 64: hash_api_key(KEY_A)}, "must be 1-63 letters"),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "limits": {"memory": 1}}},
+            "'memory' is not a limit (cpu_seconds, memory_bytes",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "limits": {"memory_bytes": 1024}}},
+            "memory_bytes: Input should be greater than or equal to 33554432",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "limits": {"max_file_bytes": 0}}},
+            "limit max_file_bytes must be positive",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "max_concurrent_executions": 0}},
+            "api_keys.a.max_concurrent_executions: Input should be greater than or equal to 1",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "max_executions_per_minute": -1}},
+            "api_keys.a.max_executions_per_minute: Input should be greater than or equal to 1",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "max_execution_timeout": 0}},
+            "api_keys.a.max_execution_timeout: Input should be greater than 0",
+        ),
+        (
+            {"a": {"key_hash": hash_api_key(KEY_A), "rate": 5}},
+            "api_keys.a.rate: Extra inputs are not permitted",
+        ),
+        (
+            {"a": hash_api_key(KEY_A), "b": hash_api_key(KEY_A)},
+            "api_keys 'a' and 'b' have the same key",
+        ),
+    ],
+    ids=[
+        "the-key-itself",
+        "short-digest",
+        "other-algorithm",
+        "not-hex",
+        "no-hash",
+        "id-with-space",
+        "id-leading-dash",
+        "id-too-long",
+        "unknown-limit",
+        "limit-below-its-minimum",
+        "limit-zero",
+        "concurrency-zero",
+        "rate-negative",
+        "timeout-zero",
+        "unknown-setting",
+        "one-key-two-ids",
+    ],
+)
+def test_bad_api_keys_are_refused_naming_the_entry(entry: dict[str, object], message: str) -> None:
+    """A bad hash, id, limit or setting in api_keys raises ConfigError saying which and why."""
+    with pytest.raises(ConfigError) as info:
+        ExecutorConfig.load(api_keys=entry)
+    assert message in str(info.value)
+
+
+def test_a_key_id_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys; the config file refuses them, naming the line."""
+    path = write(
+        tmp_path / "executor.yaml",
+        "api_keys:\n"
+        f"  alpha: {hash_api_key(KEY_A)}\n"
+        f"  beta: {hash_api_key(KEY_B)}\n"
+        f"  alpha: {hash_api_key(KEY_B + 'x')}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        ExecutorConfig.load(path)
+    assert "duplicate key 'alpha'" in str(info.value)
+    assert "line 4" in str(info.value)
+
+
+def test_api_key_and_api_keys_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both may be given (api_key is tenant 'default'), but not with an api_keys 'default'
+    entry, nor with api_key's own key under another id."""
+    monkeypatch.setenv("CODEMODE_API_KEY", KEY_A)
+    both = ExecutorConfig.load(api_keys={"beta": hash_api_key(KEY_B)})
+    assert sorted(both.tenant_keys()) == ["beta", "default"]
+    with pytest.raises(ConfigError, match="api_keys names 'default', the tenant of api_key"):
+        ExecutorConfig.load(api_keys={"default": hash_api_key(KEY_B)})
+    with pytest.raises(ConfigError, match="api_keys 'alpha' and 'default' have the same key"):
+        ExecutorConfig.load(api_keys={"alpha": hash_api_key(KEY_A)})
+
+
+def test_api_keys_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CODEMODE_API_KEYS holds the same mapping as JSON."""
+    monkeypatch.setenv(
+        "CODEMODE_API_KEYS",
+        f'{{"alpha": "{hash_api_key(KEY_A)}", "beta": {{"key_hash": "{hash_api_key(KEY_B)}", '
+        '"max_concurrent_executions": 3}}',
+    )
+    keys = ExecutorConfig.load().tenant_keys()
+    assert keys["alpha"].key_hash == hash_api_key(KEY_A)
+    assert keys["beta"].max_concurrent_executions == 3
