@@ -174,6 +174,83 @@ def wait_gone(procs: Iterable[ProcRef], timeout: float = 5.0) -> list[ProcRef]:
     return [p for p in procs if p.alive()]
 
 
+def open_fds(pid: int, port: int | None = None) -> int:
+    """How many descriptors ``pid`` holds open; with ``port``, not counting the connections
+    accepted on it (gRPC clients share connections between channels: one may outlive the
+    channel that opened it)."""
+    fds = os.listdir(f"/proc/{pid}/fd")
+    if port is None:
+        return len(fds)
+    accepted = tcp_connections(pid, port)
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return sum(1 for link in links if link not in accepted)
+
+
+def tcp_connections(pid: int, port: int) -> set[str]:
+    """``socket:[inode]`` of ``pid``'s TCP connections whose local port is ``port``."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] != "0A":  # 0A: the listening socket
+                found.add(f"socket:[{fields[9]}]")
+    return found
+
+
+class ServerCgroups:
+    """The cgroups a ``codemode serve`` made: ``codemode-<pid>-*`` under its own group in each
+    hierarchy, and the per-execution groups in them. Built while the server runs (its
+    ``/proc/PID/cgroup`` says where), read also after it stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        mounts = [
+            line.split()
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[2] in ("cgroup", "cgroup2")
+        ]
+        self.bases: list[Path] = []
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, names, path = line.split(":", 2)
+            for fields in mounts:
+                v2 = fields[2] == "cgroup2"
+                if (v2 and names == "") or (
+                    not v2 and names and set(names.split(",")) & set(fields[3].split(","))
+                ):
+                    self.bases.append(Path(fields[1]) / path.lstrip("/"))
+
+    def groups(self) -> list[Path]:
+        """Every directory of this server's groups, the per-backend ones and their children."""
+        found: list[Path] = []
+        for base in self.bases:
+            for root in base.glob(f"codemode-{self.pid}-*"):
+                if root.is_dir():
+                    found.append(root)
+                    found += [child for child in root.iterdir() if child.is_dir()]
+        return found
+
+    def busy(self) -> list[Path]:
+        """This server's groups that hold a process."""
+        busy = []
+        for group in self.groups():
+            try:
+                if (group / "cgroup.procs").read_text().strip():
+                    busy.append(group)
+            except OSError:
+                continue
+        return busy
+
+
 # ------------------------------------------------------------------------------------------
 # Servers
 
@@ -264,14 +341,18 @@ def start_server(
     isolation: str = ISOLATION,
     extra_args: Sequence[str] = (),
     log_dir: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> ServerProcess:
     """Start ``codemode serve`` and wait for its ``listening on`` line.
 
-    Raises :class:`ServerStartError` with the server's stderr when it does not come up.
+    ``wrapper``: a command that execs the rest of the command line (``unshare -m ...``), so
+    that the server keeps its pid. Raises :class:`ServerStartError` with the server's stderr
+    when it does not come up.
     """
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="codemode-test-"))
     log_path = log_dir / f"serve-{host}-{port}-{time.monotonic_ns()}.log"
     argv = [
+        *wrapper,
         sys.executable,
         "-m",
         "codemode.cli",
