@@ -80,12 +80,19 @@ def test_programs_smoke(tmp_path: Path, sandbox_venv: Path) -> None:
     checked, and fills every row of its table."""
     doc = _run("programs.py", tmp_path, "--no-baseline", f"--sandbox-venv={sandbox_venv}")
     workloads = doc["workloads"]
-    for key in ("pandas_preload", "pandas_venv", "trivial_plain", "trivial_preload", "file"):
+    for key in (
+        "pandas_preload",
+        "pandas_warm",
+        "pandas_venv",
+        "trivial_plain",
+        "trivial_preload",
+        "file",
+    ):
         assert workloads[key]["p50_ms"] > 0
     assert workloads["session_increment"]["n"] > 0
     assert workloads["sync_tool_per_call_ms"]["codemode"] is not None
     rows = [row["workload"] for row in workloads["table"]]
-    assert len(rows) == 10
+    assert len(rows) == 11
     assert any(row.startswith("7. session") for row in rows)
 
 

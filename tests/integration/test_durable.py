@@ -78,12 +78,14 @@ def entry(seq: int, tool_name: str, args: list[Any], kwargs: dict[str, Any], val
 
 
 async def test_replay_answers_recorded_calls_without_calling_the_tools(
-    make_config: Callable[..., ClientConfig],
+    make_config: Callable[..., ClientConfig], tmp_path: Path
 ) -> None:
     """The journal's calls are answered from it; only the call past its end runs the tool."""
     CALLS.clear()
     code = "result = [tools.bump(call_id='r-0'), tools.bump(call_id='r-1')]"
-    async with Codemode.from_client_config(make_config(), registry()) as codemode:
+    async with Codemode.from_client_config(
+        make_config(journal_path=tmp_path / "j.db"), registry()
+    ) as codemode:
         store = codemode.client.journals
         store.open("replayed-1", binding_of(code, ["bump"]))
         store.append("replayed-1", entry(0, "bump", [], {"call_id": "r-0"}, 41))
@@ -97,12 +99,14 @@ async def test_replay_answers_recorded_calls_without_calling_the_tools(
 
 
 async def test_a_call_that_does_not_match_the_journal_is_divergence(
-    make_config: Callable[..., ClientConfig],
+    make_config: Callable[..., ClientConfig], tmp_path: Path
 ) -> None:
     """Another call where the journal has one: ReplayDivergedError naming it, no tool run."""
     CALLS.clear()
     code = "import random\nresult = tools.bump(call_id=f'x-{random.random()}')"
-    async with Codemode.from_client_config(make_config(), registry()) as codemode:
+    async with Codemode.from_client_config(
+        make_config(journal_path=tmp_path / "j.db"), registry()
+    ) as codemode:
         store = codemode.client.journals
         store.open("diverged-1", binding_of(code, ["bump"]))
         store.append("diverged-1", entry(0, "bump", [], {"call_id": "x-0.5"}, 1))
@@ -116,7 +120,7 @@ async def test_a_call_that_does_not_match_the_journal_is_divergence(
 
 
 async def test_a_step_is_answered_from_the_journal(
-    make_config: Callable[..., ClientConfig],
+    make_config: Callable[..., ClientConfig], tmp_path: Path
 ) -> None:
     """``codemode.step(name, fn)``: the recorded value comes back, so the calls match again."""
     CALLS.clear()
@@ -125,7 +129,9 @@ async def test_a_step_is_answered_from_the_journal(
         "r = codemode.step('draw', random.random)\n"
         "result = [r, tools.bump(call_id=f'x-{r}')]\n"
     )
-    async with Codemode.from_client_config(make_config(), registry()) as codemode:
+    async with Codemode.from_client_config(
+        make_config(journal_path=tmp_path / "j.db"), registry()
+    ) as codemode:
         fresh = await codemode.run_async(code)
         store = codemode.client.journals
         store.open("stepped-1", binding_of(code, ["bump"]))
@@ -139,8 +145,23 @@ async def test_a_step_is_answered_from_the_journal(
     assert list(CALLS) == [f"x-{fresh.value[0]}"]
 
 
-async def test_a_journal_of_other_code_is_refused(make_config: Callable[..., ClientConfig]) -> None:
+async def test_without_a_journal_a_step_is_its_value_and_nothing_is_kept(
+    make_config: Callable[..., ClientConfig],
+) -> None:
+    """One executor and no journal file: nothing to replay on, so nothing is recorded, and
+    ``codemode.step`` just returns what its function does."""
     async with Codemode.from_client_config(make_config(), registry()) as codemode:
+        assert not codemode.client.journaling
+        result = await codemode.run_async("result = codemode.step('n', lambda: 5) + 1")
+    assert result.value == 6
+
+
+async def test_a_journal_of_other_code_is_refused(
+    make_config: Callable[..., ClientConfig], tmp_path: Path
+) -> None:
+    async with Codemode.from_client_config(
+        make_config(journal_path=tmp_path / "j.db"), registry()
+    ) as codemode:
         codemode.client.journals.open("other-1", binding_of("result = 1", ["bump"]))
         with pytest.raises(JournalMismatchError, match="another program"):
             await codemode.client.execute_async("result = 2", correlation_id="other-1")

@@ -30,14 +30,23 @@ from tests.helpers import REPO_ROOT, ServerProcess, ServerStartError, server_env
 from tests.integration.conftest import Servers
 
 MIB = 1 << 20
+WARMUP = "import pandas as pd\npd.DataFrame({'a': range(10)}).a.sum()\npd.warmed_by_zygote = True"
 
 
 @pytest.fixture(scope="session")
 def pkg_server(servers: Servers, sandbox_venv: Path) -> ServerProcess:
-    """The fork server with the sandbox venv and pandas preloaded, default limits."""
+    """The fork server with the sandbox venv and pandas preloaded and warmed up (a first
+    DataFrame, and a mark the tests can see), default limits."""
     return servers.start(
         api_key=secrets.token_urlsafe(24),
-        extra_args=["--sandbox-venv", str(sandbox_venv), "--preload", "pandas"],
+        extra_args=[
+            "--sandbox-venv",
+            str(sandbox_venv),
+            "--preload",
+            "pandas",
+            "--preload-warmup",
+            WARMUP,
+        ],
     )
 
 
@@ -103,6 +112,12 @@ async def test_pandas_is_preloaded_and_numpy_imports(pkg: Codemode) -> None:
         """,
     )
     assert got == [True, 45, 499500]
+
+
+async def test_the_warmup_ran_once_in_the_zygote(pkg: Codemode) -> None:
+    """``--preload-warmup`` ran before the fork: a program sees what it left in pandas."""
+    got = await run(pkg, "import pandas as pd\nresult = getattr(pd, 'warmed_by_zygote', False)")
+    assert got is True
 
 
 async def test_a_program_without_packages_runs_on_the_plain_zygote(pkg: Codemode) -> None:
@@ -464,6 +479,21 @@ def _refused(*args: str, isolation: str = "auto") -> str:
         return str(exc)
     server.stop()
     pytest.fail(f"codemode serve {' '.join(args)} started")
+
+
+def test_a_failing_warmup_is_refused(sandbox_venv: Path) -> None:
+    """A ``--preload-warmup`` that raises stops the start with its traceback."""
+    text = _refused(
+        "--sandbox-venv",
+        str(sandbox_venv),
+        "--preload",
+        "json",
+        "--preload-warmup",
+        "import json\njson.loads('{not json')",
+        isolation="forkserver",
+    )
+    assert "preload_warmup failed" in text
+    assert "JSONDecodeError" in text
 
 
 def test_missing_venv_is_refused(tmp_path: Path) -> None:

@@ -84,7 +84,9 @@ async def test_parallel_calls_cannot_spend_past_the_budget(app: App) -> None:
     assert outcome.budget_exceeded == "max_calls"
 
 
-async def test_a_step_cannot_answer_for_a_tool(app: App) -> None:
+async def test_a_step_cannot_answer_for_a_tool(
+    app: App, sec_server: ServerProcess, tmp_path: Path
+) -> None:
     """``codemode.step`` records the program's own value under its own name: a forged step
     named like a tool, or a journal entry's position taken by a step, never stands in for the
     application's tool on replay."""
@@ -92,7 +94,13 @@ async def test_a_step_cannot_answer_for_a_tool(app: App) -> None:
         "codemode._relay.call('_codemode_step', ('note', 'forged'), {})\n"
         "result = tools.note(text='real')\n"
     )
-    outcome = await app.codemode.run_async(code, available_tools=["note"], context=APP_CONTEXT)
+    config = ClientConfig(
+        executor_url=sec_server.url,
+        executor_api_key=sec_server.api_key,
+        journal_path=tmp_path / "journal.db",
+    )
+    async with Codemode.from_client_config(config, app.codemode.registry) as codemode:
+        outcome = await codemode.run_async(code, available_tools=["note"], context=APP_CONTEXT)
     assert outcome.value == "real"
     assert MADE == {"note:real": 1}
 
