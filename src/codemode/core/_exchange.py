@@ -4,6 +4,11 @@
 the input files, tool calls answered from the registry (each in its own task), output and
 output files collected, then the result. ``ExecutorClient`` runs it on an ``Execute`` stream,
 a :class:`~codemode.core.session.Session` on its own stream, once per execution.
+
+One module past the usual size: the tool relay's concerns (the journal, the budget, approvals,
+tracing) all act on one tool call's life, in one task, in order; split, each would reach into
+the others' state. The journal, budgets, approvals and tracing themselves live in their own
+modules.
 """
 
 from __future__ import annotations

@@ -6,18 +6,21 @@ tool call from the registry on the way; :meth:`ExecutorClient.execute_async` col
 :meth:`ExecutorClient.execute` wraps that for sync callers.
 
 Errors are drawn in :mod:`codemode.core.errors` and re-exported here.
+
+One module past the usual size: the public execution API, each method with its documented
+signature (the seed document's contract), and the one attempt loop they all share (retries,
+failover with replay, redaction, tracing, pauses). What stands apart is elsewhere: the wire
+exchange in :mod:`._exchange`, pausing and resuming in :mod:`._resume`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -38,11 +41,9 @@ from codemode.core._exchange import (
 )
 from codemode.core._lifecycle import Closing
 from codemode.core._request import Request
+from codemode.core._resume import paused_result, resumed_request
 from codemode.core.approvals import (
-    PAUSED,
     ApprovalGate,
-    ExecutionNotPausedError,
-    PausedExecution,
     PauseSignal,
     PendingCall,
     tool_needs_approval,
@@ -64,7 +65,6 @@ from codemode.core.journal import (
     STEP_TOOL,
     JournalStore,
     MemoryJournalStore,
-    PausedRecord,
     Recorder,
     SqliteJournalStore,
     binding_of,
@@ -519,34 +519,7 @@ class ExecutorClient(Closing):
         self, request: Request, prepared: Prepared, recorder: Recorder, call: PendingCall
     ) -> ExecutionResult:
         """Keep what resuming needs, and the result that says the execution paused."""
-        cid = prepared.correlation_id
-        decisions = {str(k): v for k, v in (request.decisions or {}).items()}
-        stored = {
-            "code": prepared.start.code,
-            "available_tools": (
-                None if request.available_tools is None else list(request.available_tools)
-            ),
-            "config": json.loads(prepared.start.config_json or b"{}"),
-            "timeout": prepared.start.timeout_seconds,
-            "context": dict(prepared.context.variables),
-            "limits": dict(request.limits or {}),
-            "files": {name: base64.b64encode(data).decode() for name, data in prepared.files},
-            "decisions": decisions,
-        }
-        pending = {"seq": call.seq, "tool": call.tool, "args": call.args, "kwargs": call.kwargs}
-        self.journals.pause(PausedRecord(cid, prepared.binding, stored, pending))
-        journal = tuple(self.journals.open(cid, prepared.binding))
-        logger.info(
-            "execution paused: %s awaits approval", call.tool, extra={"correlation_id": cid}
-        )
-        return ExecutionResult(
-            success=False,
-            error_type=PAUSED,
-            error=f"{call.describe()} awaits the application's approval; resume with "
-            f"codemode.resume({cid!r}, approve=True|False)",
-            correlation_id=cid,
-            paused=PausedExecution(cid, call, journal),
-        )
+        return paused_result(self.journals, request, prepared, call)
 
     async def resume(
         self, execution_id: str, *, approve: bool, redact: Redaction | None = None
@@ -559,35 +532,8 @@ class ExecutorClient(Closing):
         :class:`~codemode.core.journal.JournalMismatchError` when the tools it declared are
         no longer those of the registry.
         """
-        if not isinstance(approve, bool):
-            raise TypeError("approve must be True or False")
-        record = self.journals.claim(execution_id)
-        if record is None:
-            raise ExecutionNotPausedError(
-                f"no paused execution {execution_id!r}: unknown, already resumed, or expired",
-                correlation_id=execution_id,
-            )
-        if time.time() - record.paused_at > self.config.paused_ttl:
-            self.journals.discard(execution_id)
-            raise ExecutionNotPausedError(
-                f"paused execution {execution_id!r} expired (paused_ttl "
-                f"{self.config.paused_ttl:g}s); run the program again",
-                correlation_id=execution_id,
-            )
-        stored = record.request
-        decisions = {int(k): bool(v) for k, v in stored.get("decisions", {}).items()}
-        decisions[int(record.pending["seq"])] = approve
-        request = Request(
-            stored["code"],
-            stored["available_tools"],
-            stored["config"],
-            stored["timeout"],
-            RuntimeContext(variables=stored["context"]),
-            correlation_id=execution_id,
-            limits=stored["limits"] or None,
-            files={n: base64.b64decode(d) for n, d in stored["files"].items()} or None,
-            redact=redact,
-            decisions=decisions,
+        request = resumed_request(
+            self.journals, self.config.paused_ttl, execution_id, approve=approve, redact=redact
         )
         return await self._execute(request)
 
