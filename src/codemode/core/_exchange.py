@@ -235,9 +235,7 @@ class _ToolRelay:
             seq, entry = self._recorder.take(name, canonical)
             if entry is not None:
                 if self._meter is not None and name != STEP_TOOL:
-                    # Counted as on the first run; its answer is the journal's either way.
-                    self._meter.admit(name)
-                    self._meter.spent(time.perf_counter(), len(entry.value_json))
+                    self._meter.replayed(name, len(entry.value_json))
                 self._spawn(self._replay(frame.call_id, entry))
                 return None
             journal = (seq, canonical)

@@ -83,6 +83,12 @@ class BudgetMeter:
             )
         return None
 
+    def replayed(self, tool: str, result_bytes: int) -> None:
+        """Count a call answered from the journal as the first run counted it; its answer is
+        the journal's either way, and it took no tool time."""
+        self.admit(tool)
+        self.spent(time.perf_counter(), result_bytes)
+
     def time_left(self) -> float | None:
         """Seconds of tool time left, or None without a time budget."""
         if self.budget.max_tool_seconds is None:

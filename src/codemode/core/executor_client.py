@@ -45,7 +45,6 @@ from codemode.core._resume import paused_result, resumed_request
 from codemode.core.approvals import (
     ApprovalGate,
     PauseSignal,
-    PendingCall,
     tool_needs_approval,
 )
 from codemode.core.budget import Redaction, Redactor, ToolBudget
@@ -456,7 +455,7 @@ class ExecutorClient(Closing):
                 except PauseSignal as signal:
                     assert recorder is not None  # approvals always keep a journal
                     keep_journal = True
-                    paused = self._pause(request, prepared, recorder, signal.call)
+                    paused = paused_result(self.journals, request, prepared, signal.call)
                     if span is not None:
                         span.finished(
                             success=False,
@@ -514,12 +513,6 @@ class ExecutorClient(Closing):
                 recorder.discard()
             if span is not None:
                 span.end()
-
-    def _pause(
-        self, request: Request, prepared: Prepared, recorder: Recorder, call: PendingCall
-    ) -> ExecutionResult:
-        """Keep what resuming needs, and the result that says the execution paused."""
-        return paused_result(self.journals, request, prepared, call)
 
     async def resume(
         self, execution_id: str, *, approve: bool, redact: Redaction | None = None

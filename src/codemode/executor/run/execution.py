@@ -149,7 +149,9 @@ async def run_execution(
     :class:`~.files.FilesUnsupported` when the request has files and the backend no sandbox.
     """
     started = time.perf_counter()
-    held = await HeldGuest.attach(backend, packages=imports_packages(request.code))
+    # Only a backend with preloads has a plain zygote to choose: skip the scan otherwise.
+    packages = not backend.preload_modules or imports_packages(request.code)
+    held = await HeldGuest.attach(backend, packages=packages)
     if on_attached is not None:
         on_attached()
     try:
