@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--preload-warmup",
         metavar="CODE",
-        help="Python the zygote runs once after the preloads, e.g. a first DataFrame",
+        help="Python the zygote runs once after the preloads, and each pooled guest again "
+        "before it takes a request, e.g. a first DataFrame",
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     serve.add_argument("--log-format", choices=["json", "text"])

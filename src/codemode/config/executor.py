@@ -188,8 +188,9 @@ class ExecutorConfig(YamlSettings):
         default=None,
         description="Python the fork server's zygote runs once after the preloads, before it "
         "forks guests, so that the first use of those modules (pandas' first DataFrame …) is "
-        "paid once, not in every program. Operator code: it runs in the sandbox, as the "
-        "preloads do.",
+        "paid once, not in every program; each guest runs it again while it waits in the pool, "
+        "so that the copy-on-write copies it makes are off the request's path. Operator code: "
+        "it runs in the sandbox, as the preloads do.",
     )
     sandbox_env: dict[str, str] = Field(
         default_factory=dict,

@@ -205,6 +205,8 @@ class Config:
         self.tmpfs_bytes = int(raw.get("tmpfs_bytes") or (64 << 20))
         #: The directory ``$HOME`` points to, made by each child in its fresh /tmp.
         self.home: str = str(raw.get("home") or "")
+        #: The operator's warm-up code, run again in each child while it waits in the pool.
+        self.warmup: str = str(raw.get("warmup") or "")
         #: Private file systems each child mounts besides /tmp: (path, tmpfs options).
         self.mounts: list[tuple[str, str]] = [(str(p), str(o)) for p, o in raw.get("mounts", ())]
         #: rlimit name -> value (hard and soft), applied before the uid changes.
@@ -333,6 +335,18 @@ def _await_request(out_w: int, err_w: int) -> tuple[int, bytes]:
     return channel, data
 
 
+def _warm_child(code: str) -> None:
+    """Run the operator's warm-up again, in this child, before it reports ready.
+
+    In the zygote it paid the modules' first-use costs once; here it makes this child's own
+    copies of the pages a program like it writes (reference counts, caches), while the child
+    waits in the pool rather than on a request's path. It ran in the zygote, so a failure
+    here is not the operator's: the child goes on, only colder.
+    """
+    with contextlib.suppress(Exception):
+        exec(compile(code, "<preload_warmup>", "exec"), {"__name__": "__warmup__"})  # noqa: S102
+
+
 def child_main(
     control_fd: int, join: list[int], uid: int, config: Config, devnull: int, netns: int
 ) -> None:
@@ -357,6 +371,8 @@ def child_main(
         if config.home:
             _guest.make_home(config.home)
         _guest.warm_up()
+        if config.warmup:
+            _warm_child(config.warmup)
         out_w, err_w = _ready_streams()
         code = EXIT_NO_FDS
         channel, prefix = _await_request(out_w, err_w)
