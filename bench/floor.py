@@ -12,8 +12,9 @@ Codemode code in the way:
 
   both with gRPC's I/O on the poller, as Codemode runs it (``codemode.wire.grpc_io``), and again
   (``*_default``) with grpcio's own default, EventEngine threads, for the comparison;
-- ``to_thread``: ``asyncio.to_thread`` of a function that returns at once (how the client runs
-  a sync tool: never on the event loop);
+- ``to_thread``: ``asyncio.to_thread`` of a function that returns at once, and
+  ``sync_workers`` the same through the client's own threads (how it runs a sync tool: never
+  on the event loop; ``codemode.core._workers``);
 - ``unix_pingpong``: one byte each way over a Unix socket pair between two processes (the
   executor-to-guest hop, twice per tool call).
 
@@ -31,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
 
+from codemode.core._workers import SyncWorkers
 from codemode.wire.grpc_io import POLLER_IO
 
 #: ``GRPC_EXPERIMENTS`` of both processes for each engine; set before they import grpc.
@@ -117,7 +119,7 @@ async def _grpc(port: int, server_pid: int, messages: int, calls: int, reps: int
     }
 
 
-async def _to_thread(n: int, reps: int) -> float:
+async def _hand_off(n: int, reps: int, to_thread: Callable[..., Awaitable[None]]) -> float:
     def nothing() -> None:
         return None
 
@@ -125,7 +127,7 @@ async def _to_thread(n: int, reps: int) -> float:
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(n):
-            await asyncio.to_thread(nothing)
+            await to_thread(nothing)
         per.append((time.perf_counter() - start) / n)
     return round(statistics.median(per) * 1e6, 1)
 
@@ -187,12 +189,15 @@ def measure(smoke: bool) -> dict[str, Any]:
     for suffix, experiments in ENGINES.items():
         for key, value in _grpc_with(experiments, smoke).items():
             out[key.replace("_us", f"{suffix}_us")] = value
-    out["to_thread_us"] = asyncio.run(_to_thread(messages, reps))
+    out["to_thread_us"] = asyncio.run(_hand_off(messages, reps, asyncio.to_thread))
+    out["sync_workers_us"] = asyncio.run(_hand_off(messages, reps, SyncWorkers().run))
     out["unix_pingpong_us"] = _unix_pingpong(messages, reps)
     # What a tool round trip cannot go below with this design: one gRPC message each way,
     # two executor-guest hops, and for a sync tool one hand-off to a worker thread and back.
     out["tool_call_floor_async_us"] = round(out["grpc_pingpong_us"] + out["unix_pingpong_us"], 1)
-    out["tool_call_floor_sync_us"] = round(out["tool_call_floor_async_us"] + out["to_thread_us"], 1)
+    out["tool_call_floor_sync_us"] = round(
+        out["tool_call_floor_async_us"] + out["sync_workers_us"], 1
+    )
     return out
 
 
@@ -205,7 +210,8 @@ _ROWS = [
     ("grpc_call_default_us", "the same call, grpcio's default I/O"),
     ("grpc_call_client_cpu_default_us", "  CPU of that call in the client"),
     ("grpc_call_server_cpu_default_us", "  CPU of that call in the server"),
-    ("to_thread_us", "asyncio.to_thread round trip (a sync tool's hand-off)"),
+    ("to_thread_us", "asyncio.to_thread round trip"),
+    ("sync_workers_us", "the client's own worker threads, round trip (a sync tool's hand-off)"),
     ("unix_pingpong_us", "Unix socket pair, one byte each way between two processes"),
     ("tool_call_floor_async_us", "floor of a tool round trip, async tool"),
     ("tool_call_floor_sync_us", "floor of a tool round trip, sync tool"),

@@ -444,7 +444,7 @@ class _ToolRelay:
                 "ComponentNotFoundError",
                 f"tool {name!r} is declared but not registered in the application",
             )
-        current_correlation_id.set(self._cid)  # this task's copy; to_thread carries it along
+        current_correlation_id.set(self._cid)  # this task's copy; the tool's thread gets it too
         timeout = self._timeout
         budgeted = self._meter.time_left() if self._meter is not None else None
         if budgeted is not None and budgeted < timeout:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from codemode.core._workers import WORKERS
 from codemode.core.context import ContextScope, RuntimeContext, current_context
 
 if TYPE_CHECKING:
@@ -153,9 +153,9 @@ async def call_tool(
         if inspect.iscoroutinefunction(with_context):
             value = await with_context(context, *args, **kwargs)
         else:
-            value = await asyncio.to_thread(with_context, context, *args, **kwargs)
+            value = await WORKERS.run(with_context, context, *args, **kwargs)
     elif _is_tool_async(tool):
         value = await tool.run_async(*args, **kwargs)
     else:
-        value = await asyncio.to_thread(tool.run, *args, **kwargs)
+        value = await WORKERS.run(tool.run, *args, **kwargs)
     return spec.dump_result(value)
