@@ -64,15 +64,6 @@ async def test_state_survives_between_executions(tooled: Codemode) -> None:
 
 
 @pytest.mark.skipif(not SANDBOXED, reason="process isolation has no /input, /output or /tmp")
-async def test_programs_run_at_normal_priority(tooled: Codemode) -> None:
-    """A guest steps aside (nice 19) only once its outcome is sent and it is about to end: a
-    program, and every later program of a session, runs at the priority it was given."""
-    code = "import os\nresult = os.getpriority(os.PRIO_PROCESS, 0)"
-    assert await tooled.execute_async(code) == "0"
-    async with tooled.session() as s:
-        assert [await s.execute_async(code) for _ in range(3)] == ["0", "0", "0"]
-
-
 async def test_files_survive_and_inputs_accumulate(tooled: Codemode) -> None:
     """Files in /tmp, /output and /input stay; a new input of the same name replaces the old."""
     async with tooled.session() as s:

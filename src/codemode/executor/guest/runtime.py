@@ -354,8 +354,6 @@ def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
                 stream.flush()
         if _left_files():
             done[0]["files"] = True  # the service then collects them
-        if not header.get("session"):
-            _step_aside()
         channel.send(*done)
         if not header.get("session"):
             channel.wait_closed()
@@ -364,20 +362,6 @@ def serve_one(channel_fd: int, prefix: bytes = b"") -> int:
         if header["t"] != "start":
             raise ProtocolError(f"expected a start frame, got {header['t']!r}")
         _enter(namespace, header, relay)
-
-
-def _step_aside() -> None:
-    """Lower this guest's priority once its outcome is known and nothing of it is left to run.
-
-    Its process is torn down after the outcome (unmapping a zygote's worth of shared pages:
-    several milliseconds of CPU for a guest with pandas), while the service, the client and
-    the next request have work to do on the same CPUs. At nice 19 that teardown yields to
-    them rather than sharing the CPU equally (``bench/programs.py``: ~12 % off the
-    sequential pandas program and ``2 + 2``, in an A/B run of the two on one machine). It
-    is still scheduled, so it cannot starve.
-    """
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
 
 
 def receive_fds(control_fd: int) -> int:
