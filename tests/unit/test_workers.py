@@ -41,17 +41,20 @@ async def test_stop_iteration_becomes_a_runtime_error() -> None:
 
 
 async def test_calls_run_in_parallel_up_to_the_bound() -> None:
-    """Four 0.2 s sleeps on four threads take ~0.2 s; on two, ~0.4 s; threads are reused."""
+    """Four calls meet at a four-party barrier, so they ran at once; with two threads, three
+    calls never meet at a three-party one, and no third thread is started."""
+    four = threading.Barrier(4, timeout=10)
     workers = SyncWorkers(max_workers=4)
-    started = time.perf_counter()
-    await asyncio.gather(*(workers.run(time.sleep, 0.2) for _ in range(4)))
-    assert time.perf_counter() - started < 0.35
+    assert await asyncio.gather(*(workers.run(four.wait) for _ in range(4))) is not None
+    three = threading.Barrier(3, timeout=0.5)
     two = SyncWorkers(max_workers=2)
-    started = time.perf_counter()
-    idents = await asyncio.gather(*(two.run(_sleep_ident, 0.2) for _ in range(4)))
-    assert time.perf_counter() - started >= 0.38
-    assert len(set(idents)) == 2
+    outcomes = await asyncio.gather(
+        *(two.run(three.wait) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, threading.BrokenBarrierError) for o in outcomes)
     assert two._threads == 2
+    idents = await asyncio.gather(*(two.run(threading.get_ident) for _ in range(8)))
+    assert len(set(idents)) <= 2  # the same two threads, reused
 
 
 async def test_a_cancelled_caller_leaves_the_pool_usable() -> None:
@@ -62,8 +65,3 @@ async def test_a_cancelled_caller_leaves_the_pool_usable() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert await workers.run(lambda: 7) == 7  # after the cancelled call's tool ended
-
-
-def _sleep_ident(seconds: float) -> int:
-    time.sleep(seconds)
-    return threading.get_ident()
