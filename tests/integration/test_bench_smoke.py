@@ -39,6 +39,7 @@ def _run(script: str, results: Path, *args: str) -> dict:
         "pagefaults.py": "pagefaults",
         "programs.py": "programs",
         "failover.py": "failover",
+        "handoff.py": "handoff",
     }[script]
     return json.loads((results / f"{name}.smoke.json").read_text())
 
@@ -171,3 +172,14 @@ def test_pagefaults_smoke(tmp_path: Path) -> None:
     assert per_execution["zygote"] > 0  # it forks a replacement for each guest taken
     assert figures["per_execution_by_kind"]["write, copy on write"] > 0
     assert figures["per_execution_by_area"][0]["faults"] > 0
+
+
+@pytest.mark.timeout(110)
+def test_handoff_smoke(tmp_path: Path) -> None:
+    """``bench/handoff.py --smoke`` runs both hand-offs and writes their medians and ratio."""
+    doc = _run("handoff.py", tmp_path)
+    workloads = doc["workloads"]
+    assert {"workers_per_call_ms", "to_thread_per_call_ms", "workers_vs_to_thread"} <= set(
+        workloads
+    )
+    assert workloads["rounds"] == 2
