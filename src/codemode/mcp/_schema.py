@@ -86,28 +86,7 @@ class SchemaSpec(ToolSpec):
 
         Raises ``TypeError`` naming the tool and each bad argument, as for other tools.
         """
-        by_name = {p.name: p for p in self.params}
-        if len(args) > len(self.params):
-            raise TypeError(
-                f"tools.{name}() takes {len(self.params)} positional arguments "
-                f"but {len(args)} were given"
-            )
-        given = {p.name: value for p, value in zip(self.params, args, strict=False)}
-        for key, value in kwargs.items():
-            if key in given:
-                raise TypeError(f"tools.{name}() got multiple values for argument {key!r}")
-            if key not in by_name and not self.extra:
-                raise TypeError(
-                    f"tools.{name}() got an unexpected keyword argument {key!r}; "
-                    f"it takes: {', '.join(by_name) or '(no arguments)'}"
-                )
-            given[key] = value
-        missing = [p.name for p in self.params if p.required and p.name not in given]
-        if missing:
-            raise TypeError(
-                f"tools.{name}() missing required argument{'s' if len(missing) > 1 else ''}: "
-                + ", ".join(repr(m) for m in missing)
-            )
+        given = self.match(name, args, kwargs, extra=self.extra)
         for key in self.omit_none:
             if key in given and given[key] is None:
                 del given[key]

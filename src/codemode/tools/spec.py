@@ -97,34 +97,7 @@ class ToolSpec:
         """
         if self._model is None or self.permissive:
             return list(args), dict(kwargs)
-        by_name = {p.name: p for p in self.params}
-        given: dict[str, Any] = {}
-        positional = [p for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-        if len(args) > len(positional):
-            raise TypeError(
-                f"tools.{name}() takes {len(positional)} positional arguments "
-                f"but {len(args)} were given"
-            )
-        for param, value in zip(positional, args, strict=False):
-            given[param.name] = value
-        for key, value in kwargs.items():
-            target = by_name.get(key)
-            if target is None:
-                raise TypeError(
-                    f"tools.{name}() got an unexpected keyword argument {key!r}; "
-                    f"it takes: {', '.join(by_name) or '(no arguments)'}"
-                )
-            if target.kind is inspect.Parameter.POSITIONAL_ONLY:
-                raise TypeError(f"tools.{name}() argument {key!r} is positional-only")
-            if key in given:
-                raise TypeError(f"tools.{name}() got multiple values for argument {key!r}")
-            given[key] = value
-        missing = [p.name for p in self.params if p.required and p.name not in given]
-        if missing:
-            raise TypeError(
-                f"tools.{name}() missing required argument{'s' if len(missing) > 1 else ''}: "
-                + ", ".join(repr(m) for m in missing)
-            )
+        given = self.match(name, args, kwargs)
         try:
             model = self._model.model_validate(given)
         except ValidationError as exc:
@@ -140,6 +113,41 @@ class ToolSpec:
             else:
                 out_kwargs[param.name] = values[param.name]
         return out_args, out_kwargs
+
+    def match(
+        self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], *, extra: bool = False
+    ) -> dict[str, Any]:
+        """A call's arguments by parameter name, refused as Python refuses a wrong call
+        (``TypeError`` naming the tool); ``extra`` lets unknown keywords through."""
+        by_name = {p.name: p for p in self.params}
+        given: dict[str, Any] = {}
+        positional = [p for p in self.params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        if len(args) > len(positional):
+            raise TypeError(
+                f"tools.{name}() takes {len(positional)} positional arguments "
+                f"but {len(args)} were given"
+            )
+        for param, value in zip(positional, args, strict=False):
+            given[param.name] = value
+        for key, value in kwargs.items():
+            target = by_name.get(key)
+            if target is None and not extra:
+                raise TypeError(
+                    f"tools.{name}() got an unexpected keyword argument {key!r}; "
+                    f"it takes: {', '.join(by_name) or '(no arguments)'}"
+                )
+            if target is not None and target.kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise TypeError(f"tools.{name}() argument {key!r} is positional-only")
+            if key in given:
+                raise TypeError(f"tools.{name}() got multiple values for argument {key!r}")
+            given[key] = value
+        missing = [p.name for p in self.params if p.required and p.name not in given]
+        if missing:
+            raise TypeError(
+                f"tools.{name}() missing required argument{'s' if len(missing) > 1 else ''}: "
+                + ", ".join(repr(m) for m in missing)
+            )
+        return given
 
     @staticmethod
     def dump_result(value: Any) -> Any:
