@@ -7,6 +7,7 @@ are found through ``/proc`` so that a test can check that a guest it saw running
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,31 @@ class ServerProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def announced_process(
+    argv: list[str], ready: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run ``argv`` from the repo's root until the block ends; yield what its first line says
+    after ``ready`` (an address, usually) and the process, which is then terminated."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        env=None if env is None else dict(env),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(ready), f"unexpected first line: {line!r}"
+        yield line[len(ready) :].strip(), proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def server_env(api_key: str | None) -> dict[str, str]:

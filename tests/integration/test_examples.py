@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO_ROOT, ServerProcess
+from tests.helpers import REPO_ROOT, ServerProcess, announced_process
 
 READY = "fastapi_service: listening on "
 
@@ -26,23 +26,9 @@ def fastapi_service(server: ServerProcess) -> Iterator[str]:
         CODEMODE_EXECUTOR_URL=server.url,
         CODEMODE_EXECUTOR_API_KEY=server.api_key,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "examples/fastapi_service.py", "--port", "0"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(READY), f"unexpected first line: {line!r}"
-        yield line[len(READY) :].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    argv = [sys.executable, "examples/fastapi_service.py", "--port", "0"]
+    with announced_process(argv, READY, env) as (url, _):
+        yield url
 
 
 async def test_fastapi_service_runs_programs_per_customer(fastapi_service: str) -> None:

@@ -27,7 +27,7 @@ from codemode.mcp.tools import (
     from_mcp,
     from_mcp_config,
 )
-from tests.helpers import REPO_ROOT, descendants, wait_until
+from tests.helpers import REPO_ROOT, announced_process, descendants, wait_until
 
 DEMO = MCPServerConfig(command=sys.executable, args=["-m", "tests.mcp_servers"], cwd=str(REPO_ROOT))
 TIME = MCPServerConfig(
@@ -62,22 +62,9 @@ def assert_no_mcp_processes(but: str = "") -> None:
 def http_demo() -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     """The demo server over streamable HTTP in a subprocess: its URL, token and process."""
     token = secrets.token_urlsafe(16)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.mcp_servers", "http", "--token", token],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(READY), f"unexpected first line: {line!r}"
-        yield line[len(READY) :].strip(), token, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    argv = [sys.executable, "-m", "tests.mcp_servers", "http", "--token", token]
+    with announced_process(argv, READY) as (url, proc):
+        yield url, token, proc
 
 
 async def test_tools_are_registered_with_stubs_and_removed_after(codemode: Codemode) -> None:
