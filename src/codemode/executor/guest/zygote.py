@@ -60,6 +60,7 @@ import signal
 import socket
 import struct
 import sys
+import types
 from typing import Any
 
 # Namespaces (linux/sched.h)
@@ -205,8 +206,11 @@ class Config:
         self.tmpfs_bytes = int(raw.get("tmpfs_bytes") or (64 << 20))
         #: The directory ``$HOME`` points to, made by each child in its fresh /tmp.
         self.home: str = str(raw.get("home") or "")
-        #: The operator's warm-up code, run again in each child while it waits in the pool.
-        self.warmup: str = str(raw.get("warmup") or "")
+        #: The operator's warm-up code, compiled once here and run again in each child.
+        warmup = str(raw.get("warmup") or "")
+        self.warmup: types.CodeType | None = (
+            compile(warmup, "<preload_warmup>", "exec") if warmup else None
+        )
         #: Private file systems each child mounts besides /tmp: (path, tmpfs options).
         self.mounts: list[tuple[str, str]] = [(str(p), str(o)) for p, o in raw.get("mounts", ())]
         #: rlimit name -> value (hard and soft), applied before the uid changes.
@@ -335,7 +339,7 @@ def _await_request(out_w: int, err_w: int) -> tuple[int, bytes]:
     return channel, data
 
 
-def _warm_child(code: str) -> None:
+def _warm_child(code: types.CodeType) -> None:
     """Run the operator's warm-up again, in this child, before it reports ready.
 
     In the zygote it paid the modules' first-use costs once; here it makes this child's own
@@ -344,7 +348,7 @@ def _warm_child(code: str) -> None:
     here is not the operator's: the child goes on, only colder.
     """
     with contextlib.suppress(Exception):
-        exec(compile(code, "<preload_warmup>", "exec"), {"__name__": "__warmup__"})  # noqa: S102
+        exec(code, {"__name__": "__warmup__"})  # noqa: S102
 
 
 def child_main(
@@ -371,7 +375,7 @@ def child_main(
         if config.home:
             _guest.make_home(config.home)
         _guest.warm_up()
-        if config.warmup:
+        if config.warmup is not None:
             _warm_child(config.warmup)
         out_w, err_w = _ready_streams()
         code = EXIT_NO_FDS
