@@ -15,6 +15,7 @@ from codemode.executor.sandbox import GuestExit, GuestFds
 from codemode.executor.sandbox.bwrap import BwrapBackend
 from codemode.executor.sandbox.forkserver import ForkServerBackend
 from codemode.executor.sandbox.host import DEFAULT_UID_BASE
+from tests.helpers import wait_until
 
 #: Either backend that runs guests in bubblewrap sandboxes on this host.
 HostBackend = BwrapBackend | ForkServerBackend
@@ -95,6 +96,13 @@ async def run(
 def processes_of(uid: int) -> list[int]:
     """Pids of the host's processes running as ``uid``."""
     return processes_in(range(uid, uid + 1))
+
+
+def processes_left(uid: int, timeout: float = 5.0) -> list[int]:
+    """Pids still running as ``uid`` once the kernel has had ``timeout`` seconds to finish
+    killing them: processes of a killed pid namespace exit just after its init does."""
+    wait_until(lambda: not processes_of(uid), timeout)
+    return processes_of(uid)
 
 
 def processes_in(uids: range) -> list[int]:

@@ -20,7 +20,7 @@ from codemode.executor.sandbox.forkserver import ForkServerBackend
 from tests.unit.sandbox_harness import (
     FORKSERVER_UID_BASE,
     HostBackend,
-    processes_of,
+    processes_left,
     run,
     writes_that_succeed,
 )
@@ -249,7 +249,7 @@ async def test_kill_leaves_nothing(backend: HostBackend) -> None:
     out = await run(backend, code, kill_after=1.5)
     assert out.done is None
     assert out.exit.signal == 9
-    assert processes_of(out.uid) == []
+    assert processes_left(out.uid) == []
 
 
 async def test_fork_bomb_is_capped(backend: HostBackend) -> None:
@@ -271,7 +271,7 @@ async def test_fork_bomb_is_capped(backend: HostBackend) -> None:
     out = await run(backend, code)
     assert out.result["made"] < 32
     assert out.exit.pids_exceeded or out.result["errno"] == 11
-    assert processes_of(out.uid) == []
+    assert processes_left(out.uid) == []
 
 
 async def test_memory_limit_is_reported(backend: HostBackend) -> None:
